@@ -1,0 +1,64 @@
+"""Celery settings, built from the project's settings objects (``common.settings``)."""
+
+from __future__ import annotations
+
+import ssl
+
+from common import keys
+from common.redis import redis_client
+from common.settings import serving_settings, worker_settings
+from tasks import codec
+from tasks.routing import ModelRouter, RegistryView
+
+_serving = serving_settings()
+_worker = worker_settings()
+
+
+def _tls_options(url: str) -> dict[str, object] | None:
+    # A rediss:// URL without ssl_cert_reqs would make Celery refuse to start; verify by default.
+    if url.startswith("rediss://") and "ssl_cert_reqs" not in url:
+        return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return None
+
+
+broker_url = _serving.redis_url
+result_backend = _serving.backend_url
+broker_use_ssl = _tls_options(broker_url)
+redis_backend_use_ssl = _tls_options(result_backend)
+broker_connection_retry_on_startup = True
+
+# No pickle anywhere: JSON for small inputs, msgpack with raw array bytes for arrays.
+task_serializer = "json"
+result_serializer = codec.SERIALIZER
+accept_content = ["json", codec.SERIALIZER]
+result_accept_content = ["json", codec.SERIALIZER]
+event_serializer = "json"
+
+# Delivery: acknowledge after the result is stored; a dead worker's messages come back.
+task_acks_late = True
+task_reject_on_worker_lost = True
+task_acks_on_failure_or_timeout = True
+worker_pool = "threads"
+worker_concurrency = 1
+worker_prefetch_multiplier = _worker.prefetch_count
+broker_transport_options = {
+    "visibility_timeout": _serving.visibility_timeout_s,
+    "unacked_restore_interval": _serving.unacked_restore_interval_s,
+    "unacked_restore_throttle": 1,
+    "priority_steps": list(keys.PRIORITY_STEPS),
+    "queue_order_strategy": "priority",
+}
+result_expires = _serving.result_expires_s
+
+task_routes = (
+    ModelRouter(
+        RegistryView(lambda: redis_client(_serving.redis_url), ttl_s=_serving.registry_cache_s)
+    ),
+)
+task_create_missing_queues = True
+task_default_queue = "celery"
+
+# Task events for Flower; Flower also switches them on at run time (enable_events).
+worker_send_task_events = _serving.task_events
+task_send_sent_event = False
+worker_enable_remote_control = True

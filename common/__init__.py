@@ -1,0 +1,1 @@
+"""Pieces every component shares: settings, Redis keys, errors, Redis connections."""

@@ -1,0 +1,56 @@
+"""One error hierarchy for the whole project.
+
+Every error takes a single message argument so that Celery's JSON exception transport can
+rebuild it in the producer (``cls(message)``): a task failure reaches the caller with the
+same type and text that the worker raised.
+"""
+
+from __future__ import annotations
+
+
+class InferenceError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class ConfigError(InferenceError, ValueError):
+    """A setting or a model config has a bad value; the message names the key and value."""
+
+
+class InvalidNameError(InferenceError, ValueError):
+    """A model name or version is malformed or points outside the repository."""
+
+
+class UnknownModelError(InferenceError, LookupError):
+    """No such model, or no such version of it; the message lists what exists."""
+
+
+class RegistryUnavailableError(InferenceError):
+    """No model registry in Redis: no worker or scaler has published the repository yet."""
+
+
+class SchemaError(InferenceError, ValueError):
+    """An input does not match the model's declared dtype and shape."""
+
+
+class PayloadTooLargeError(InferenceError, ValueError):
+    """A request body is larger than the configured limit."""
+
+
+class ModelLoadError(InferenceError):
+    """A model file could not be loaded (bad file, missing factory, warm-up failed)."""
+
+
+class ModelLoadTimeoutError(ModelLoadError):
+    """Loading took longer than ``load_timeout_seconds``."""
+
+
+class CacheCapacityError(ModelLoadError):
+    """A model does not fit the worker's cache even after evicting everything else."""
+
+
+class ModelExecutionError(InferenceError):
+    """The model raised while running a request, or returned something unusable."""
+
+
+class RejectedMessageError(InferenceError):
+    """A queued message was refused before decoding (disallowed content type)."""

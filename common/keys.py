@@ -1,0 +1,47 @@
+"""Every Redis key and queue name the project uses, in one place.
+
+Kombu's own keys (the queue lists and ``unacked``/``unacked_index``) belong to the Redis
+transport; they are named here because the worker renews its leases on them and the scaler
+reads queue depths from them.
+"""
+
+from __future__ import annotations
+
+# A model version's shared queue: every instance of that version consumes it.
+QUEUE_PREFIX = "model."
+# Kombu's separator between a queue name and its priority step ("q\x06\x163").
+PRIORITY_SEPARATOR = "\x06\x16"
+# Kombu's priority steps for the Redis transport: one list per step, lowest value served first.
+PRIORITY_STEPS = (0, 3, 6, 9)
+
+# Kombu's hash of delivered-but-unacknowledged messages (tag -> message) and its index
+# (tag -> delivery time); a message whose time is older than the visibility timeout is
+# restored to its queue, so live workers push their messages' times forward.
+UNACKED_HASH = "unacked"
+UNACKED_INDEX = "unacked_index"
+
+_NS = "inference:"
+# Hash: model name -> JSON registry entry (versions, default version, input schemas).
+REGISTRY = _NS + "registry"
+# String: when the registry was last published (epoch seconds).
+REGISTRY_UPDATED = _NS + "registry:updated"
+# String with a TTL: one worker's JSON report; it expires when the worker stops reporting.
+WORKER_REPORT = _NS + "worker:{hostname}"
+# Sorted set: worker hostname -> time of its last report (reports themselves expire).
+WORKERS = _NS + "workers"
+# Hash: "name/version" -> JSON record of the last failed load (error, worker, time).
+LOAD_FAILURES = _NS + "load_failures"
+
+
+def queue_name(name: str, version: str) -> str:
+    """The shared queue of one model version."""
+    return f"{QUEUE_PREFIX}{name}.{version}"
+
+
+def priority_queue_keys(queue: str) -> list[str]:
+    """The Redis lists kombu keeps for one queue, highest priority first."""
+    return [queue if step == 0 else f"{queue}{PRIORITY_SEPARATOR}{step}" for step in PRIORITY_STEPS]
+
+
+def worker_report_key(hostname: str) -> str:
+    return WORKER_REPORT.format(hostname=hostname)

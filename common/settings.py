@@ -1,0 +1,123 @@
+"""Settings of every component, read from the environment here and nowhere else.
+
+Units are in the names (``_s``, ``_ms``, ``_bytes``) except where SEED.md fixed a name
+(``cache_size_gb``, ``load_timeout_seconds``). A bad value fails at start with the
+environment variable and the value named.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from common.errors import ConfigError
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+CommaList = Annotated[list[str], NoDecode]
+
+
+def _split_commas(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class ServingSettings(BaseSettings):
+    """What producers and workers share: where Redis and the models are, wire limits."""
+
+    model_config = SettingsConfigDict(extra="ignore", protected_namespaces=())
+
+    redis_url: str = DEFAULT_REDIS_URL
+    # Results may live elsewhere; by default they share the broker's server.
+    result_backend_url: str | None = None
+    model_repository: Path = Path("model_repository")
+    # Modules imported by workers so that they can register state-dict model factories.
+    model_factory_modules: CommaList = Field(default_factory=list)
+    max_payload_bytes: int = Field(16 * 1024 * 1024, gt=0)
+    result_expires_s: int = Field(3600, gt=0)
+    # A delivered message not acknowledged (and not renewed by a live worker) for this long
+    # goes back to its queue: the time a dead worker's requests wait before redelivery.
+    visibility_timeout_s: float = Field(30.0, gt=0)
+    unacked_restore_interval_s: float = Field(2.0, gt=0)
+    # How long a producer trusts its copy of the model registry.
+    registry_cache_s: float = Field(2.0, ge=0)
+    # Celery task events (task-received/-started/-succeeded) for Flower.
+    task_events: bool = False
+
+    _split = field_validator("model_factory_modules", mode="before")(_split_commas)
+
+    @property
+    def backend_url(self) -> str:
+        return self.result_backend_url or self.redis_url
+
+
+class WorkerSettings(BaseSettings):
+    """One worker process: its device, model cache and batching defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="WORKER_", extra="ignore")
+
+    # "auto" takes the GPU this process was given (CUDA_VISIBLE_DEVICES) or the CPU.
+    device: str = "auto"
+    # NVML's index of this worker's GPU, when CUDA_VISIBLE_DEVICES renumbers it.
+    nvml_index: int | None = None
+    # Intra-op threads per worker on CPU; 0 keeps torch's default (all cores).
+    torch_threads: int = Field(0, ge=0)
+    max_loaded_models: int = Field(5, ge=1)
+    cache_size_gb: float = Field(10.0, gt=0)
+    load_timeout_seconds: float = Field(300.0, gt=0)
+    warmup_timeout_seconds: float = Field(60.0, gt=0)
+    concurrent_loads: int = Field(2, ge=1)
+    # A model whose load failed is not tried again on this worker for this long.
+    failure_cooldown_seconds: float = Field(300.0, ge=0)
+    report_interval_s: float = Field(1.0, gt=0)
+    # Messages a worker holds at once (being batched, running, awaiting their ack):
+    # room for one batch running and the next one filling.
+    prefetch_count: int = Field(64, ge=1)
+    # Batching defaults for models whose config says nothing.
+    max_batch_size: int = Field(32, ge=1)
+    max_batch_delay_ms: float = Field(0.0, ge=0)
+    # Models to serve from the start: "name" (every version) or "name:version".
+    models: CommaList = Field(default_factory=list)
+
+    _split = field_validator("models", mode="before")(_split_commas)
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if value == "auto" or value == "cpu" or value == "cuda" or value.startswith("cuda:"):
+            return value
+        raise ValueError("expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+    @property
+    def cache_size_bytes(self) -> int:
+        return int(self.cache_size_gb * 1024**3)
+
+
+def _build(cls: type[BaseSettings]) -> BaseSettings:
+    try:
+        return cls()
+    except ValidationError as exc:
+        prefix = cls.model_config.get("env_prefix", "")
+        problems = "; ".join(
+            f"{prefix}{'.'.join(map(str, err['loc'])).upper()}={err.get('input')!r}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from None
+
+
+@lru_cache(maxsize=1)
+def serving_settings() -> ServingSettings:
+    settings = _build(ServingSettings)
+    assert isinstance(settings, ServingSettings)
+    return settings
+
+
+@lru_cache(maxsize=1)
+def worker_settings() -> WorkerSettings:
+    settings = _build(WorkerSettings)
+    assert isinstance(settings, WorkerSettings)
+    return settings

@@ -1,0 +1,1 @@
+"""Model repository, loading formats, the worker's model cache and dynamic batching."""

@@ -1,0 +1,384 @@
+"""Dynamic batching: requests waiting on one model version run as one forward pass.
+
+The runner thread takes, for the model version whose oldest request has waited longest,
+up to ``max_batch_size`` rows. While the runner is busy, new requests pile up and form the
+next batch, so batches grow with load and a lone request never waits for company unless
+the model asks for it with ``max_batch_delay_ms``. Finished batches go to a completion
+thread (results stored, messages acknowledged) so that the runner starts the next batch at
+once. A batch that raises is run again one request at a time, so only the bad request fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.errors import InferenceError, ModelExecutionError, SchemaError
+from loader.cache import CachedModel, ModelCache, ModelKey, ModelState
+from loader.spec import InputSchema
+
+logger = logging.getLogger(__name__)
+
+
+class OutputKind:
+    LIST = "list"
+    NDARRAY = "ndarray"
+    TENSOR = "tensor"
+
+
+def as_rows(inputs: Any, schema: InputSchema, *, single: bool) -> tuple[np.ndarray, str]:
+    """Validate one request's inputs against the schema: ``(rows, output kind)``.
+
+    ``single`` inputs are one row of the schema's shape; otherwise a batch of rows.
+    Arrays must have the schema's dtype exactly; lists are converted to it.
+    """
+    kind = OutputKind.LIST
+    if isinstance(inputs, torch.Tensor):
+        kind = OutputKind.TENSOR
+        inputs = inputs.detach().cpu().numpy()
+    if isinstance(inputs, np.ndarray):
+        if kind == OutputKind.LIST:
+            kind = OutputKind.NDARRAY
+        if inputs.dtype != schema.np_dtype:
+            raise SchemaError(
+                f"input dtype {inputs.dtype} does not match the model's input {schema.describe()}"
+            )
+        array = inputs
+    else:
+        try:
+            array = np.asarray(inputs, dtype=schema.np_dtype)
+        except (TypeError, ValueError, OverflowError):
+            raise SchemaError(
+                f"input is not a numeric array of {schema.describe()}"
+                f"{' rows' if not single else ''}: {_preview(inputs)}"
+            ) from None
+    expected = schema.shape if single else None
+    if single and tuple(array.shape) != expected:
+        raise SchemaError(
+            f"input shape {list(array.shape)} does not match the model's input {schema.describe()}"
+        )
+    if not single and (
+        array.ndim != len(schema.shape) + 1
+        or tuple(array.shape[1:]) != schema.shape
+        or array.shape[0] == 0
+    ):
+        raise SchemaError(
+            f"batch shape {list(array.shape)} is not [n>=1, {', '.join(map(str, schema.shape))}] "
+            f"for the model's input {schema.describe()}"
+        )
+    return (array[None] if single else array), kind
+
+
+def _preview(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _convert(rows: np.ndarray, kind: str, single: bool) -> Any:
+    value = rows[0] if single else rows
+    if kind == OutputKind.LIST:
+        return value.tolist()
+    if kind == OutputKind.TENSOR:
+        return torch.from_numpy(np.ascontiguousarray(value))
+    return value
+
+
+@dataclass(eq=False)
+class Item:
+    """One request: a single input (``predict``) or a list of them (``predict_batch``)."""
+
+    key: ModelKey
+    inputs: Any
+    single: bool
+    ticket: Any  # the transport's handle (a Celery request); opaque here
+    received: float = field(default_factory=time.monotonic)
+    rows: np.ndarray | None = None
+    kind: str = OutputKind.LIST
+    # The model was not loaded when the request arrived (a cache miss, a cold start).
+    cold: bool = False
+
+    @property
+    def n_rows(self) -> int:
+        if self.rows is not None:
+            return len(self.rows)
+        return (
+            1 if self.single else max(1, len(self.inputs)) if hasattr(self.inputs, "__len__") else 1
+        )
+
+
+@dataclass(eq=False)
+class Outcome:
+    item: Item
+    value: Any = None
+    error: BaseException | None = None
+    batch_size: int = 0
+    started: float = 0.0
+    finished: float = 0.0
+
+
+@dataclass
+class BatcherStats:
+    served: int = 0
+    failed: int = 0
+    batches: int = 0
+    rows: int = 0
+    max_batch_rows: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    latencies_s: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
+
+    def latency_ms(self, q: float) -> float | None:
+        if not self.latencies_s:
+            return None
+        return round(float(np.quantile(np.fromiter(self.latencies_s, float), q)) * 1000, 3)
+
+
+class Batcher:
+    def __init__(
+        self,
+        cache: ModelCache,
+        *,
+        default_max_batch_size: int,
+        default_max_batch_delay_ms: float,
+        complete: Callable[[list[Outcome]], None],
+        admit: Callable[[list[Item]], list[Item]] = lambda items: items,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cache = cache
+        self.default_max_batch_size = default_max_batch_size
+        self.default_max_batch_delay_ms = default_max_batch_delay_ms
+        self._complete = complete
+        self._admit = admit
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._queues: dict[ModelKey, deque[Item]] = {}
+        self._running = 0
+        self._stopping = False
+        self._done: queue.SimpleQueue[list[Outcome] | None] = queue.SimpleQueue()
+        self.stats = BatcherStats()
+        self._threads = [
+            threading.Thread(target=self._run, name="batch-runner", daemon=True),
+            threading.Thread(target=self._finish, name="batch-complete", daemon=True),
+        ]
+
+    # -- producer side ----------------------------------------------------------------------
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, item: Item) -> None:
+        # Looking the model up here starts its load as soon as the first request arrives.
+        item.cold = self.cache.status(item.key).state is not ModelState.READY
+        with self._cond:
+            self._queues.setdefault(item.key, deque()).append(item)
+            self._cond.notify()
+
+    def finish_now(self, outcomes: list[Outcome]) -> None:
+        """Complete requests that failed before reaching a model (bad names, bad calls)."""
+        self._done.put(outcomes)
+
+    def wake(self) -> None:
+        """Re-evaluate waiting models (a load finished or failed)."""
+        with self._cond:
+            self._cond.notify()
+
+    def pending(self) -> dict[ModelKey, int]:
+        with self._cond:
+            return {key: len(items) for key, items in self._queues.items() if items}
+
+    @property
+    def in_flight(self) -> int:
+        with self._cond:
+            return sum(len(q) for q in self._queues.values()) + self._running
+
+    def stop(self, *, timeout_s: float = 30.0) -> None:
+        """Finish what was submitted, then stop both threads."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        deadline = time.monotonic() + timeout_s
+        self._threads[0].join(max(0.0, deadline - time.monotonic()))
+        self._done.put(None)
+        self._threads[1].join(max(0.0, deadline - time.monotonic()))
+
+    # -- runner -----------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    picked, wait_s = self._pick()
+                    if picked is not None:
+                        self._running += sum(i.n_rows for i in picked[1])
+                        break
+                    if self._stopping and not any(self._queues.values()):
+                        return
+                    self._cond.wait(wait_s)
+            key, items = picked
+            try:
+                outcomes = self._execute(key, items)
+            except Exception as exc:  # a bug here must not kill the runner or lose requests
+                logger.exception("batch of model %s failed unexpectedly", key)
+                outcomes = [
+                    Outcome(i, error=ModelExecutionError(f"internal error: {exc}")) for i in items
+                ]
+            with self._cond:
+                self._running -= sum(i.n_rows for i in items)
+            self._done.put(outcomes)
+
+    def _pick(self) -> tuple[tuple[ModelKey, list[Item]] | None, float | None]:
+        """The next batch to run, or how long to wait before looking again (None: until woken)."""
+        now = self._clock()
+        wait_s: float | None = None
+        ready_keys = sorted(
+            (key for key, items in self._queues.items() if items),
+            key=lambda k: self._queues[k][0].received,
+        )
+        for key in ready_keys:
+            waiting = self._queues[key]
+            entry = self.cache.status(key)
+            if entry.state is ModelState.LOADING:
+                remaining = entry.deadline - now
+                wait_s = remaining if wait_s is None else min(wait_s, remaining)
+                continue
+            if entry.state is ModelState.FAILED:
+                items = list(waiting)
+                waiting.clear()
+                return (key, items), None
+            spec = entry.spec
+            assert spec is not None
+            max_rows = spec.batching.max_batch_size or self.default_max_batch_size
+            delay_ms = spec.batching.max_batch_delay_ms
+            if delay_ms is None:
+                delay_ms = self.default_max_batch_delay_ms
+            rows = sum(i.n_rows for i in waiting)
+            age = now - waiting[0].received
+            if rows < max_rows and age * 1000 < delay_ms and not self._stopping:
+                remaining = delay_ms / 1000 - age
+                wait_s = remaining if wait_s is None else min(wait_s, remaining)
+                continue
+            taken = [waiting.popleft()]
+            total = taken[0].n_rows
+            while waiting and total + waiting[0].n_rows <= max_rows:
+                total += waiting[0].n_rows
+                taken.append(waiting.popleft())
+            return (key, taken), None
+        return None, (max(wait_s, 0.0005) if wait_s is not None else None)
+
+    def _execute(self, key: ModelKey, items: list[Item]) -> list[Outcome]:
+        started = self._clock()
+        entry = self.cache.status(key)
+        if entry.state is ModelState.FAILED:
+            assert entry.error is not None
+            return [Outcome(i, error=entry.error, started=started, finished=started) for i in items]
+        items = self._admit(items)
+        if not items:
+            return []
+        outcomes: list[Outcome] = []
+        good: list[Item] = []
+        schema = entry.spec.input if entry.spec else None
+        assert schema is not None
+        for item in items:
+            try:
+                item.rows, item.kind = as_rows(item.inputs, schema, single=item.single)
+                good.append(item)
+            except InferenceError as exc:
+                outcomes.append(Outcome(item, error=exc, started=started, finished=started))
+        if good:
+            model = self.cache.acquire(key)
+            try:
+                outcomes += self._forward_all(model, good, started)
+            finally:
+                self.cache.release(model)
+        return outcomes
+
+    def _forward_all(self, model: CachedModel, items: list[Item], started: float) -> list[Outcome]:
+        try:
+            outputs = self._forward(model, [i.rows for i in items])  # type: ignore[misc]
+        except Exception as exc:
+            if len(items) == 1:
+                error = (
+                    exc
+                    if isinstance(exc, InferenceError)
+                    else ModelExecutionError(
+                        f"model {model.key} failed: {type(exc).__name__}: {exc}"
+                    )
+                )
+                return [Outcome(items[0], error=error, started=started, finished=self._clock())]
+            logger.info(
+                "batch of %d on model %s failed (%s); retrying one by one",
+                len(items),
+                model.key,
+                exc,
+            )
+            return [o for item in items for o in self._forward_all(model, [item], started)]
+        finished = self._clock()
+        size = sum(len(i.rows) for i in items)  # type: ignore[arg-type]
+        return [
+            Outcome(
+                item,
+                value=_convert(out, item.kind, item.single),
+                batch_size=size,
+                started=started,
+                finished=finished,
+            )
+            for item, out in zip(items, outputs, strict=True)
+        ]
+
+    def _forward(self, model: CachedModel, batches: list[np.ndarray]) -> list[np.ndarray]:
+        array = batches[0] if len(batches) == 1 else np.concatenate(batches)
+        if not array.flags.writeable or not array.flags.c_contiguous:
+            array = np.array(array)  # decoded arrays are read-only views of the message
+        inputs = torch.from_numpy(array).to(self.cache.device, non_blocking=True)
+        with torch.inference_mode():
+            output = model.module(inputs)  # type: ignore[misc]
+        if (
+            not isinstance(output, torch.Tensor)
+            or output.ndim == 0
+            or output.shape[0] != len(array)
+        ):
+            raise ModelExecutionError(
+                f"model {model.key} returned {type(output).__name__} "
+                f"{list(getattr(output, 'shape', []))} for {len(array)} rows; expected a tensor "
+                "with one row per input"
+            )
+        result = output.detach().to("cpu").numpy()
+        bounds = np.cumsum([len(b) for b in batches])[:-1]
+        self.stats.batches += 1
+        self.stats.rows += len(array)
+        self.stats.max_batch_rows = max(self.stats.max_batch_rows, len(array))
+        return np.split(result, bounds)
+
+    # -- completion -------------------------------------------------------------------------
+    def _finish(self) -> None:
+        while True:
+            outcomes = self._done.get()
+            if outcomes is None:
+                return
+            if not outcomes:
+                continue
+            now = self._clock()
+            for outcome in outcomes:
+                if outcome.item.cold:
+                    self.stats.cache_misses += 1
+                else:
+                    self.stats.cache_hits += 1
+                if outcome.error is None:
+                    self.stats.served += 1
+                    self.stats.latencies_s.append(now - outcome.item.received)
+                else:
+                    self.stats.failed += 1
+            try:
+                self._complete(outcomes)
+            except Exception:
+                # The messages stay unacknowledged and are redelivered after the visibility
+                # timeout: nothing is lost, at worst run twice.
+                logger.exception("could not complete %d requests", len(outcomes))

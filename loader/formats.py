@@ -1,0 +1,100 @@
+"""Loading a model version's file without running code from it.
+
+- state_dict: ``torch.load(weights_only=True)`` into a module built by a registered factory.
+- export: a ``torch.export`` archive, refused if it holds any pickled payload; torch's own
+  fallbacks to unrestricted unpickling are disabled for the process.
+- torchscript: TorchScript archives hold TorchScript code and tensors, not Python pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from common.errors import ModelLoadError
+from loader.factories import get_factory
+from loader.spec import ModelFormat, ModelSpec
+
+
+def harden_torch_load() -> None:
+    """Make every ``torch.load`` in this process weights-only, whatever its caller asked."""
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+
+
+def _check_export_archive(path: Path) -> None:
+    """Refuse a torch.export archive that would unpickle anything while loading."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as exc:
+        raise ModelLoadError(f"{path.name} is not a torch.export archive: {exc}") from None
+    with archive:
+        for member in archive.namelist():
+            if not member.endswith("_config.json") or "/data/" not in member:
+                continue
+            config = json.loads(archive.read(member)).get("config", {})
+            for fqn, payload in config.items():
+                name = str(payload.get("path_name", ""))
+                if payload.get("use_pickle") or not name.startswith(("weight_", "tensor_")):
+                    raise ModelLoadError(
+                        f"{path.name}: entry {fqn!r} ({name}) is a pickled object; only "
+                        "plain tensors are accepted"
+                    )
+
+
+def load_module(spec: ModelSpec, path: Path, device: torch.device) -> nn.Module:
+    """Build the module of one model version on ``device``, in eval mode."""
+    if not path.is_file():
+        raise ModelLoadError(f"model file {path.name} is missing")
+    harden_torch_load()
+    try:
+        module: Any
+        if spec.format is ModelFormat.STATE_DICT:
+            assert spec.factory is not None
+            module = get_factory(spec.factory)(**spec.factory_kwargs)
+            state = torch.load(path, map_location=device, weights_only=True)
+            if not isinstance(state, dict):
+                raise ModelLoadError(
+                    f"{path.name} holds a {type(state).__name__}, not a state dict"
+                )
+            module.load_state_dict(state, strict=True)
+            module.to(device)
+        elif spec.format is ModelFormat.EXPORT:
+            _check_export_archive(path)
+            # An exported program is traced in inference mode already; it has no eval().
+            module = torch.export.load(str(path)).module()
+            module.to(device)
+            return module  # type: ignore[no-any-return]
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                module = torch.jit.load(str(path), map_location=device)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load {path.name} ({spec.format.value}): {exc}") from exc
+    if hasattr(module, "eval"):
+        module.eval()
+    return module  # type: ignore[no-any-return]
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of parameters and buffers: what the model holds in memory while cached."""
+    seen: set[int] = set()
+    total = 0
+    tensors = list(module.parameters()) + list(module.buffers())
+    if hasattr(module, "state_dict"):
+        tensors += [t for t in module.state_dict().values() if isinstance(t, torch.Tensor)]
+    for tensor in tensors:
+        key = tensor.data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        total += tensor.numel() * tensor.element_size()
+    return total

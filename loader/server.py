@@ -1,0 +1,75 @@
+"""The model server of one worker process: repository, cache and batcher together."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from common.settings import ServingSettings, WorkerSettings
+from loader.batching import Batcher, Item, Outcome
+from loader.cache import ModelCache, ModelKey, resolve_device
+from loader.factories import import_factory_modules
+from loader.repository import ModelRepository
+from loader.spec import check_name, check_version
+
+logger = logging.getLogger(__name__)
+
+
+class ModelServer:
+    def __init__(
+        self,
+        serving: ServingSettings,
+        worker: WorkerSettings,
+        *,
+        complete: Callable[[list[Outcome]], None],
+        admit: Callable[[list[Item]], list[Item]] = lambda items: items,
+    ) -> None:
+        import_factory_modules(serving.model_factory_modules)
+        self.device = resolve_device(worker.device)
+        if self.device.type == "cpu" and worker.torch_threads:
+            torch.set_num_threads(worker.torch_threads)
+        self.repository = ModelRepository(serving.model_repository)
+        self.cache = ModelCache(
+            self.repository,
+            device=self.device,
+            max_loaded_models=worker.max_loaded_models,
+            cache_size_bytes=worker.cache_size_bytes,
+            load_timeout_s=worker.load_timeout_seconds,
+            warmup_timeout_s=worker.warmup_timeout_seconds,
+            concurrent_loads=worker.concurrent_loads,
+            failure_cooldown_s=worker.failure_cooldown_seconds,
+            on_change=self._wake,
+        )
+        self.batcher = Batcher(
+            self.cache,
+            default_max_batch_size=worker.max_batch_size,
+            default_max_batch_delay_ms=worker.max_batch_delay_ms,
+            complete=complete,
+            admit=admit,
+        )
+
+    def _wake(self) -> None:
+        self.batcher.wake()
+
+    def start(self) -> None:
+        self.batcher.start()
+        logger.info("model server on %s, repository %s", self.device, self.repository.root)
+
+    def stop(self) -> None:
+        self.batcher.stop()
+        self.cache.close()
+
+    def resolve(self, model: Any, version: Any) -> ModelKey:
+        """The model version a request runs on; raises for unknown or malformed names."""
+        name = check_name(model)
+        if version is None:
+            version = self.repository.default_version(name)
+        check_version(version)
+        self.repository.version_dir(name, version)
+        return ModelKey(name, version)
+
+    def submit(self, key: ModelKey, inputs: Any, *, single: bool, ticket: Any) -> None:
+        self.batcher.submit(Item(key=key, inputs=inputs, single=single, ticket=ticket))

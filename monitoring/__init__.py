@@ -1,0 +1,1 @@
+"""Resource sampling, metrics history and alerts."""

@@ -1,0 +1,56 @@
+"""The ``predict`` and ``predict_batch`` tasks.
+
+Producers call ``predict.delay("tiny_mlp", inputs)`` or ``predict.apply_async(args,
+kwargs={"version": "v2"}, priority=..., expires=...)``. Arrays (numpy or torch) travel as
+raw bytes (the ``tensor`` codec), lists and numbers as JSON; the result comes back as the
+same kind of value. In a worker these tasks never run their body: the batching strategy
+(``tasks.strategy``) hands their requests to the model server. The body below serves the
+in-process path (``predict(...)`` called directly, ``apply()``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Task
+
+from common.errors import PayloadTooLargeError
+from common.settings import serving_settings
+from tasks import codec
+from tasks.routing import PREDICT, PREDICT_BATCH
+from workers import app
+
+
+class PredictTask(Task):  # type: ignore[misc]
+    Strategy = "tasks.strategy:batching_strategy"
+    acks_late = True
+    reject_on_worker_lost = True
+    typing = True
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, *rest: Any, **options: Any) -> Any:
+        kwargs = dict(kwargs or {})
+        inputs = args[1] if args and len(args) > 1 else kwargs.get("inputs")
+        limit = serving_settings().max_payload_bytes
+        size = codec.payload_bytes(inputs)
+        if size > limit:
+            raise PayloadTooLargeError(
+                f"inputs of {size} bytes exceed the limit of {limit} bytes (MAX_PAYLOAD_BYTES)"
+            )
+        options.setdefault("serializer", codec.choose_serializer(inputs))
+        return super().apply_async(args, kwargs, *rest, **options)
+
+
+@app.task(base=PredictTask, name=PREDICT)
+def predict(model: str, inputs: Any, version: str | None = None) -> Any:
+    """Run one input through a model version; returns that input's output."""
+    from tasks.inline import run_inline
+
+    return run_inline(model, inputs, version, single=True)
+
+
+@app.task(base=PredictTask, name=PREDICT_BATCH)
+def predict_batch(model: str, inputs: Any, version: str | None = None) -> Any:
+    """Run a list of inputs through a model version; returns one output per input."""
+    from tasks.inline import run_inline
+
+    return run_inline(model, inputs, version, single=False)

@@ -1,0 +1,246 @@
+"""The worker's model-serving bootstep, its report to Redis and its remote-control commands.
+
+``celery -A workers worker`` adds the ``ModelServing`` step: it builds the model server
+before the consumer starts (the batching strategy needs it), writes a report to Redis
+about every second (under a key that expires when the worker stops reporting), publishes
+the model repository to the registry, and renews the leases of the messages it holds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from celery import bootsteps
+from celery.worker.control import control_command, inspect_command
+
+from common import keys
+from common.errors import InferenceError
+from common.redis import redis_client
+from common.settings import ServingSettings, WorkerSettings, serving_settings, worker_settings
+from loader.cache import ModelKey
+from loader.server import ModelServer
+from monitoring.resources import ProcessSampler, gpu_reading
+from tasks.strategy import Completer, HeldMessages, admit
+
+logger = logging.getLogger(__name__)
+
+REGISTRY_REFRESH_S = 5.0
+
+
+def publish_registry(client: Any, registry: dict[str, dict[str, Any]]) -> None:
+    """Replace the registry hash with ``registry`` in one transaction."""
+    pipe = client.pipeline(transaction=True)
+    pipe.delete(keys.REGISTRY)
+    if registry:
+        pipe.hset(keys.REGISTRY, mapping={n: json.dumps(e) for n, e in registry.items()})
+    pipe.set(keys.REGISTRY_UPDATED, time.time())
+    pipe.execute()
+
+
+class Reporter:
+    """Writes the worker report, renews message leases and keeps the registry current."""
+
+    def __init__(
+        self,
+        worker: Any,
+        server: ModelServer,
+        held: HeldMessages,
+        serving: ServingSettings,
+        settings: WorkerSettings,
+    ) -> None:
+        self.worker = worker
+        self.server = server
+        self.held = held
+        self.interval_s = settings.report_interval_s
+        self.ttl_s = max(3 * settings.report_interval_s, 3.0)
+        self.nvml_index = settings.nvml_index
+        self.client = redis_client(serving.redis_url, socket_timeout=5)
+        self.sampler = ProcessSampler()
+        self.started_at = time.time()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="worker-report", daemon=True)
+        self._registry_at = 0.0
+        self._registry: dict[str, Any] | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        try:
+            self.client.delete(keys.worker_report_key(self.worker.hostname))
+            self.client.zrem(keys.WORKERS, self.worker.hostname)
+        except Exception as exc:
+            logger.warning("worker %s could not remove its report: %s", self.worker.hostname, exc)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick(time.time())
+            except Exception as exc:
+                # Redis away for a moment: the next tick tries again, serving goes on.
+                logger.warning("worker %s report failed: %s", self.worker.hostname, exc)
+            self._stop.wait(self.interval_s)
+
+    def queues(self) -> list[str]:
+        consumer = getattr(self.worker, "consumer", None)
+        task_consumer = getattr(consumer, "task_consumer", None)
+        if task_consumer is None:
+            return []
+        return sorted(q.name for q in list(task_consumer.queues))
+
+    def report(self, now: float) -> dict[str, Any]:
+        server = self.server
+        stats = server.batcher.stats
+        device = server.device
+        if device.type == "cuda":
+            index = self.nvml_index if self.nvml_index is not None else (device.index or 0)
+            device_reading = gpu_reading(index)
+        else:
+            device_reading = {"gpu": None, "reason": "no GPU: this worker runs on the CPU"}
+        models = server.cache.describe()
+        return {
+            "hostname": self.worker.hostname,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "time": now,
+            "started_at": self.started_at,
+            "device": str(device),
+            "queues": self.queues(),
+            "models": models["loaded"],
+            "loading": models["loading"],
+            "failed_models": models["failed"],
+            "loaded_bytes": server.cache.loaded_bytes(),
+            "in_flight": len(self.held),
+            "pending": {str(k): n for k, n in server.batcher.pending().items()},
+            "served": stats.served,
+            "failed": stats.failed,
+            "batches": stats.batches,
+            "rows": stats.rows,
+            "max_batch_rows": stats.max_batch_rows,
+            "cache_hits": stats.cache_hits,
+            "cache_misses": stats.cache_misses,
+            "evictions": server.cache.evictions,
+            "loads": server.cache.loads,
+            "load_failures": server.cache.load_failures,
+            "latency_ms": {"p50": stats.latency_ms(0.5), "p99": stats.latency_ms(0.99)},
+            "resources": self.sampler.sample(),
+            "device_memory": device_reading,
+            "health": "ok",
+        }
+
+    def tick(self, now: float) -> None:
+        report = self.report(now)
+        hostname = self.worker.hostname
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(keys.worker_report_key(hostname), json.dumps(report), ex=int(self.ttl_s))
+        pipe.zadd(keys.WORKERS, {hostname: now})
+        tags = self.held.tags()
+        if tags:
+            # Push the delivery time of held messages forward: only a dead worker's messages
+            # outlive the visibility timeout and get redelivered.
+            pipe.zadd(keys.UNACKED_INDEX, dict.fromkeys(tags, now), xx=True)
+        for failed in report["failed_models"]:
+            record = {
+                "error": failed["error"],
+                "error_type": failed["error_type"],
+                "worker": hostname,
+                "time": now,
+            }
+            pipe.hset(
+                keys.LOAD_FAILURES, f"{failed['name']}/{failed['version']}", json.dumps(record)
+            )
+        if time.monotonic() - self._registry_at > REGISTRY_REFRESH_S:
+            registry = self.server.repository.registry()
+            self._registry_at = time.monotonic()
+            if registry != self._registry:
+                publish_registry(self.client, registry)
+                self._registry = registry
+        pipe.execute()
+
+
+class ModelServing(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Worker bootstep: the model server, the completer and the reporter."""
+
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        worker.model_server = None
+
+    def create(self, worker: Any) -> ModelServing:
+        serving, settings = serving_settings(), worker_settings()
+        held = HeldMessages()
+        completer = Completer(worker.app, held)
+        server = ModelServer(serving, settings, complete=completer, admit=admit)
+        worker.model_server = server
+        worker.model_completer = completer
+        worker.held_messages = held
+        self.server = server
+        self.reporter = Reporter(worker, server, held, serving, settings)
+        self.preload = settings.models
+        for spec in settings.models:
+            name, _, version = spec.partition(":")
+            versions = [version] if version else server.repository.versions(name)
+            for v in versions:
+                queue = keys.queue_name(name, v)
+                worker.app.amqp.queues.select_add(queue, routing_key=queue)
+        return self
+
+    def start(self, worker: Any) -> None:
+        self.server.start()
+        try:
+            publish_registry(self.reporter.client, self.server.repository.registry())
+        except Exception as exc:
+            logger.warning("worker %s could not publish the registry: %s", worker.hostname, exc)
+        for spec in self.preload:
+            name, _, version = spec.partition(":")
+            try:
+                self.server.cache.preload(self.server.resolve(name, version or None))
+            except InferenceError as exc:
+                logger.error("worker %s cannot preload %s: %s", worker.hostname, spec, exc)
+        self.reporter.start()
+
+    def stop(self, worker: Any) -> None:
+        self.reporter.stop()
+        self.server.stop()
+
+
+def _server(state: Any) -> ModelServer:
+    return state.consumer.controller.model_server  # type: ignore[no-any-return]
+
+
+@control_command(args=[("model", str), ("version", str)], signature="<model> [version]")  # type: ignore[misc]
+def preload_model(state: Any, model: str, version: str | None = None) -> dict[str, str]:
+    """Start loading a model version into this worker's cache."""
+    server = _server(state)
+    try:
+        key = server.resolve(model, version)
+    except InferenceError as exc:
+        return {"error": str(exc)}
+    return {"ok": f"{key} {server.cache.preload(key).value}"}
+
+
+@control_command(args=[("model", str), ("version", str)], signature="<model> [version]")  # type: ignore[misc]
+def unload_model(state: Any, model: str, version: str | None = None) -> dict[str, str]:
+    """Drop a model version from this worker's cache (after its running batch)."""
+    server = _server(state)
+    try:
+        key = server.resolve(model, version) if version is None else ModelKey(model, version)
+    except InferenceError as exc:
+        return {"error": str(exc)}
+    dropped = server.cache.unload(key)
+    return {"ok": f"{key} unloaded"} if dropped else {"error": f"{key} is not cached"}
+
+
+@inspect_command()  # type: ignore[misc]
+def cached_models(state: Any) -> dict[str, Any]:
+    """The models this worker holds, is loading, or failed to load."""
+    return _server(state).cache.describe()
