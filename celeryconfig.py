@@ -37,7 +37,6 @@ event_serializer = "json"
 # Delivery: acknowledge after the result is stored; a dead worker's messages come back.
 task_acks_late = True
 task_reject_on_worker_lost = True
-task_acks_on_failure_or_timeout = True
 worker_pool = "threads"
 worker_concurrency = 1
 worker_prefetch_multiplier = _worker.prefetch_count

@@ -134,6 +134,18 @@ class BatcherStats:
     max_batch_rows: int = 0
     cache_hits: int = 0
     cache_misses: int = 0
+    # "name/version" -> {"batches", "rows", "max_batch_rows"}
+    per_model: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def record_batch(self, key: ModelKey, rows: int) -> None:
+        self.batches += 1
+        self.rows += rows
+        self.max_batch_rows = max(self.max_batch_rows, rows)
+        model = self.per_model.setdefault(str(key), {"batches": 0, "rows": 0, "max_batch_rows": 0})
+        model["batches"] += 1
+        model["rows"] += rows
+        model["max_batch_rows"] = max(model["max_batch_rows"], rows)
+
     latencies_s: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
 
     def latency_ms(self, q: float) -> float | None:
@@ -352,9 +364,7 @@ class Batcher:
             )
         result = output.detach().to("cpu").numpy()
         bounds = np.cumsum([len(b) for b in batches])[:-1]
-        self.stats.batches += 1
-        self.stats.rows += len(array)
-        self.stats.max_batch_rows = max(self.stats.max_batch_rows, len(array))
+        self.stats.record_batch(model.key, len(array))
         return np.split(result, bounds)
 
     # -- completion -------------------------------------------------------------------------

@@ -125,6 +125,7 @@ class Reporter:
             "batches": stats.batches,
             "rows": stats.rows,
             "max_batch_rows": stats.max_batch_rows,
+            "batching": {k: dict(v) for k, v in list(stats.per_model.items())},
             "cache_hits": stats.cache_hits,
             "cache_misses": stats.cache_misses,
             "evictions": server.cache.evictions,
@@ -157,13 +158,16 @@ class Reporter:
             pipe.hset(
                 keys.LOAD_FAILURES, f"{failed['name']}/{failed['version']}", json.dumps(record)
             )
-        if time.monotonic() - self._registry_at > REGISTRY_REFRESH_S:
+        pipe.exists(keys.REGISTRY)
+        *_, registry_exists = pipe.execute()
+        if not registry_exists:
+            self._registry = None  # Redis lost it (a restart without persistence)
+        if self._registry is None or time.monotonic() - self._registry_at > REGISTRY_REFRESH_S:
             registry = self.server.repository.registry()
             self._registry_at = time.monotonic()
             if registry != self._registry:
                 publish_registry(self.client, registry)
                 self._registry = registry
-        pipe.execute()
 
 
 class ModelServing(bootsteps.StartStopStep):  # type: ignore[misc]

@@ -1,0 +1,131 @@
+"""Test helpers: waiting on conditions, writing small model repositories, worker processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+import torch
+
+import tests.factories  # noqa: F401 - registers the test model factories
+from common import keys
+from common.redis import die_with_parent
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(
+    condition: Callable[[], Any], *, timeout_s: float = 30.0, what: str = "condition"
+) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.01
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.2)
+
+
+def write_state_dict_model(
+    root: Path,
+    name: str,
+    version: str,
+    *,
+    factory: str,
+    features: int = 4,
+    factory_kwargs: dict[str, Any] | None = None,
+    batching: dict[str, Any] | None = None,
+) -> Path:
+    from loader.factories import get_factory
+
+    folder = root / name / version
+    folder.mkdir(parents=True, exist_ok=True)
+    kwargs = {"features": features, **(factory_kwargs or {})}
+    module = get_factory(factory)(**kwargs)
+    torch.save(module.state_dict(), folder / "model.pt")
+    spec = {
+        "format": "state_dict",
+        "file": "model.pt",
+        "factory": factory,
+        "factory_kwargs": kwargs,
+        "input": {"dtype": "float32", "shape": [features]},
+        "batching": batching or {},
+    }
+    (folder / "model.json").write_text(json.dumps(spec))
+    return folder
+
+
+class WorkerProcess:
+    """A real ``celery -A workers worker`` subprocess."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        queues: list[str],
+        env: dict[str, str],
+        log_dir: Path,
+    ) -> None:
+        self.hostname = f"{name}@test"
+        self.log_path = log_dir / f"{name}.log"
+        command = [
+            sys.executable, "-m", "celery", "-A", "workers", "worker",
+            "-n", self.hostname, "--loglevel", "INFO", "--without-mingle", "--without-gossip",
+        ]  # fmt: skip
+        if queues:
+            command += ["-Q", ",".join(queues)]
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
+        )
+
+    def wait_ready(self, client: redis.Redis, *, timeout_s: float = 60.0) -> dict[str, Any]:
+        def ready() -> dict[str, Any] | None:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker {self.hostname} exited:\n{self.log()}")
+            raw = client.get(keys.worker_report_key(self.hostname))
+            if raw is None or b"ready." not in self.log_path.read_bytes():
+                return None
+            return json.loads(raw)  # type: ignore[no-any-return]
+
+        return wait_for(ready, timeout_s=timeout_s, what=f"worker {self.hostname} ready")  # type: ignore[no-any-return]
+
+    def report(self, client: redis.Redis) -> dict[str, Any] | None:
+        raw = client.get(keys.worker_report_key(self.hostname))
+        return json.loads(raw) if raw else None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, *, timeout_s: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+        return self.proc.returncode
