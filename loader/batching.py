@@ -212,11 +212,23 @@ class Batcher:
         with self._cond:
             return sum(len(q) for q in self._queues.values()) + self._running
 
+    def drain(self, *, timeout_s: float = 60.0) -> list[Item]:
+        """Stop taking new batches: return the waiting requests, finish the running ones."""
+        with self._cond:
+            waiting = [item for items in self._queues.values() for item in items]
+            self._queues.clear()
+            self._stopping = True
+            self._cond.notify()
+        self.stop(timeout_s=timeout_s)
+        return waiting
+
     def stop(self, *, timeout_s: float = 30.0) -> None:
         """Finish what was submitted, then stop both threads."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
+        if not self._threads[0].is_alive():
+            return
         deadline = time.monotonic() + timeout_s
         self._threads[0].join(max(0.0, deadline - time.monotonic()))
         self._done.put(None)

@@ -212,6 +212,18 @@ class ModelServing(bootsteps.StartStopStep):  # type: ignore[misc]
                 logger.error("worker %s cannot preload %s: %s", worker.hostname, spec, exc)
         self.reporter.start()
 
+    def close(self, worker: Any) -> None:
+        # Warm shutdown calls close() on every step before any stops, while the broker
+        # connection still works: finish the running batch, give the waiting ones back.
+        waiting = self.server.batcher.drain()
+        if waiting:
+            logger.info(
+                "worker %s returns %d waiting requests to their queues",
+                worker.hostname,
+                len(waiting),
+            )
+            worker.model_completer.requeue(waiting)
+
     def stop(self, worker: Any) -> None:
         self.reporter.stop()
         self.server.stop()

@@ -139,6 +139,21 @@ class Completer:
             # Wake the consumer loop: it stops fetching while the prefetch window is full.
             self.call_soon(_noop)
 
+    def requeue(self, items: list[Item]) -> None:
+        """Give waiting requests back to the head of their queues (a warm shutdown)."""
+        for item in items:
+            request = item.ticket
+            message = request.message
+            if not message.acknowledged:
+                # Back to the end BRPOP reads next, where it was (kombu's reject would
+                # append it behind every request queued since).
+                qos = message.channel.qos
+                qos.restore_by_tag(message.delivery_tag, leftmost=False)
+                virtual.QoS.ack(qos, message.delivery_tag)
+                message._state = "REQUEUED"
+            worker_state.task_ready(request)
+            self.held.discard([message.delivery_tag])
+
 
 def _noop() -> None:
     return None
