@@ -7,6 +7,8 @@ same type and text that the worker raised.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class InferenceError(Exception):
     """Base of every error this project raises on purpose."""
@@ -54,3 +56,13 @@ class ModelExecutionError(InferenceError):
 
 class RejectedMessageError(InferenceError):
     """A queued message was refused before decoding (disallowed content type)."""
+
+
+def describe_validation_error(exc: Any, *, prefix: str = "", upper: bool = False) -> str:
+    """One line per bad field of a pydantic ``ValidationError``: ``key=value: problem``."""
+    problems = []
+    for err in exc.errors():
+        key = ".".join(map(str, err["loc"])) or "config"
+        key = prefix + (key.upper() if upper else key)
+        problems.append(f"{key}={err.get('input')!r}: {err['msg']}")
+    return "; ".join(problems)

@@ -8,7 +8,6 @@ started it, even one killed with SIGKILL.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import os
@@ -75,8 +74,15 @@ class EmbeddedRedis:
     port to check that clients and workers recover.
     """
 
-    def __init__(self, *, port: int | None = None, binary: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        binary: str | None = None,
+        extra_args: list[str] | None = None,
+    ) -> None:
         self.binary = binary or find_server_binary()
+        self.extra_args = list(extra_args or [])
         self.port = port or free_port()
         self._dir = tempfile.mkdtemp(prefix="embedded-redis-")
         self._proc: subprocess.Popen[bytes] | None = None
@@ -96,6 +102,7 @@ class EmbeddedRedis:
             "--appendonly", "no",
             "--dir", self._dir,
             "--loglevel", "warning",
+            *self.extra_args,
         ]  # fmt: skip
         self._proc = subprocess.Popen(
             args,
@@ -114,9 +121,13 @@ class EmbeddedRedis:
                         else ""
                     )
                     raise RuntimeError(f"{self.binary} exited at start: {err.strip()}")
-                with contextlib.suppress(redis.ConnectionError):
+                try:
                     if client.ping():
                         break
+                except redis.AuthenticationError:
+                    break  # up, and protected by a password
+                except redis.ConnectionError:
+                    pass
                 if time.monotonic() > deadline:
                     self.stop()
                     raise TimeoutError(f"{self.binary} did not answer on port {self.port}")

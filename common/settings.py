@@ -14,7 +14,7 @@ from typing import Annotated
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from common.errors import ConfigError
+from common.errors import ConfigError, describe_validation_error
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 CommaList = Annotated[list[str], NoDecode]
@@ -102,10 +102,7 @@ def _build(cls: type[BaseSettings]) -> BaseSettings:
         return cls()
     except ValidationError as exc:
         prefix = cls.model_config.get("env_prefix", "")
-        problems = "; ".join(
-            f"{prefix}{'.'.join(map(str, err['loc'])).upper()}={err.get('input')!r}: {err['msg']}"
-            for err in exc.errors()
-        )
+        problems = describe_validation_error(exc, prefix=prefix, upper=True)
         raise ConfigError(f"invalid configuration: {problems}") from None
 
 

@@ -17,7 +17,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from common.errors import ConfigError, InvalidNameError, UnknownModelError
+from common.errors import (
+    ConfigError,
+    InvalidNameError,
+    UnknownModelError,
+    describe_validation_error,
+)
 from loader.spec import ModelConfig, ModelSpec, check_name, check_version
 
 SPEC_FILE = "model.json"
@@ -100,10 +105,13 @@ class ModelRepository:
             cached = self._cache.get(path)
             if cached is not None and cached[0] == mtime:
                 return cached[1]
+        where = path.relative_to(self.root)
         try:
             value = parse(json.loads(path.read_text()))
-        except (ValueError, ValidationError) as exc:
-            raise ConfigError(f"{path.relative_to(self.root)}: {exc}") from None
+        except ValidationError as exc:
+            raise ConfigError(f"{where}: {describe_validation_error(exc)}") from None
+        except ValueError as exc:
+            raise ConfigError(f"{where}: not valid JSON: {exc}") from None
         with self._lock:
             self._cache[path] = (mtime, value)
         return value

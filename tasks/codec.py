@@ -31,7 +31,8 @@ def _pack_array(code: int, array: np.ndarray) -> msgpack.ExtType:
         raise SchemaError(
             f"array dtype {array.dtype} cannot travel; use one of {sorted(ALLOWED_DTYPES)}"
         )
-    array = np.ascontiguousarray(array)
+    if not array.flags.c_contiguous:
+        array = array.copy(order="C")  # (ascontiguousarray would turn a 0-d array into 1-d)
     header = msgpack.packb([array.dtype.str, list(array.shape)])
     return msgpack.ExtType(code, _HEADER.pack(len(header)) + header + array.tobytes())
 
@@ -61,7 +62,7 @@ def _ext_hook(code: int, data: bytes) -> Any:
     count = int(np.prod(shape)) if shape else 1
     if count * dtype.itemsize != len(data) - offset:
         raise ValueError(f"array of {dtype} {shape} does not match its {len(data) - offset} bytes")
-    array = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+    array = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(tuple(shape))
     if code == EXT_TORCH:
         import torch
 

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +13,7 @@ import torch
 
 import tests.factories  # noqa: F401 - registers the test model factories
 from common import keys
-from common.redis import die_with_parent
+from scaler import processes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,41 +63,23 @@ def write_state_dict_model(
     return folder
 
 
-class WorkerProcess:
-    """A real ``celery -A workers worker`` subprocess."""
+class WorkerProcess(processes.WorkerProcess):
+    """A real ``celery -A workers worker`` subprocess, with test conveniences."""
 
-    def __init__(
-        self,
-        name: str,
-        *,
-        queues: list[str],
-        env: dict[str, str],
-        log_dir: Path,
-    ) -> None:
-        self.hostname = f"{name}@test"
-        self.log_path = log_dir / f"{name}.log"
-        command = [
-            sys.executable, "-m", "celery", "-A", "workers", "worker",
-            "-n", self.hostname, "--loglevel", "INFO", "--without-mingle", "--without-gossip",
-        ]  # fmt: skip
-        if queues:
-            command += ["-Q", ",".join(queues)]
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent,
+    def __init__(self, name: str, *, queues: list[str], env: dict[str, str], log_dir: Path) -> None:
+        super().__init__(
+            f"{name}@test",
+            queues=queues,
+            env={"PYTHONPATH": str(ROOT), **env},
+            log_path=log_dir / f"{name}.log",
         )
 
     def wait_ready(self, client: redis.Redis, *, timeout_s: float = 60.0) -> dict[str, Any]:
         def ready() -> dict[str, Any] | None:
-            if self.proc.poll() is not None:
+            if not self.alive:
                 raise AssertionError(f"worker {self.hostname} exited:\n{self.log()}")
             raw = client.get(keys.worker_report_key(self.hostname))
-            if raw is None or b"ready." not in self.log_path.read_bytes():
+            if raw is None or "ready." not in self.log():
                 return None
             return json.loads(raw)  # type: ignore[no-any-return]
 
@@ -112,20 +90,4 @@ class WorkerProcess:
         return json.loads(raw) if raw else None
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-6000:]
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self, *, timeout_s: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
-        return self.proc.returncode
+        return self.log_tail()

@@ -1,0 +1,1 @@
+"""The scaler: configuration, the pure policy, actuators and the beat glue."""
