@@ -26,6 +26,8 @@ result_backend = _serving.backend_url
 broker_use_ssl = _tls_options(broker_url)
 redis_backend_use_ssl = _tls_options(result_backend)
 broker_connection_retry_on_startup = True
+if broker_url.startswith(("redis://", "rediss://")):
+    broker_transport = "tasks.transport:Transport"
 
 # No pickle anywhere: JSON for small inputs, msgpack with raw array bytes for arrays.
 task_serializer = "json"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,8 @@ from loader.repository import ModelRepository
 from loader.spec import check_name, check_version
 
 logger = logging.getLogger(__name__)
+
+RESOLVE_TTL_S = 2.0
 
 
 class ModelServer:
@@ -43,6 +46,7 @@ class ModelServer:
             failure_cooldown_s=worker.failure_cooldown_seconds,
             on_change=self._wake,
         )
+        self._resolved: dict[tuple[Any, Any], tuple[float, ModelKey]] = {}
         self.batcher = Batcher(
             self.cache,
             default_max_batch_size=worker.max_batch_size,
@@ -63,7 +67,22 @@ class ModelServer:
         self.cache.close()
 
     def resolve(self, model: Any, version: Any) -> ModelKey:
-        """The model version a request runs on; raises for unknown or malformed names."""
+        """The model version a request runs on; raises for unknown or malformed names.
+
+        Answers are kept for ``RESOLVE_TTL_S``: a version added to or removed from the disk
+        is seen within that time, and a request costs no file-system calls.
+        """
+        now = time.monotonic()
+        cached = self._resolved.get((model, version))
+        if cached is not None and now < cached[0]:
+            return cached[1]
+        key = self._resolve(model, version)
+        if len(self._resolved) > 10_000:
+            self._resolved.clear()
+        self._resolved[(model, version)] = (now + RESOLVE_TTL_S, key)
+        return key
+
+    def _resolve(self, model: Any, version: Any) -> ModelKey:
         name = check_name(model)
         if version is None:
             version = self.repository.default_version(name)

@@ -29,11 +29,12 @@ class WorkerProcess:
         log_path: Path | None = None,
         loglevel: str = "INFO",
         extra_args: list[str] | None = None,
+        app: str = "workers",
     ) -> None:
         self.hostname = hostname
         self.log_path = log_path
         command = [
-            sys.executable, "-m", "celery", "-A", "workers", "worker",
+            sys.executable, "-m", "celery", "-A", app, "worker",
             "-n", hostname, "--loglevel", loglevel, "--without-mingle", "--without-gossip",
         ]  # fmt: skip
         if queues:

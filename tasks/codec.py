@@ -96,6 +96,16 @@ def choose_serializer(inputs: Any) -> str:
     return "json"
 
 
+def describe(inputs: Any) -> str:
+    """A short text for logs and events: the kind, dtype and shape, never the values."""
+    if is_array(inputs):
+        dtype = str(inputs.dtype).replace("torch.", "")
+        return f"<{type(inputs).__name__} {dtype}{list(inputs.shape)}>"
+    if isinstance(inputs, list | tuple):
+        return f"<list of {len(inputs)}>"
+    return f"<{type(inputs).__name__}>"
+
+
 def payload_bytes(inputs: Any) -> int:
     """A cheap lower bound of the encoded size, to refuse huge arrays before encoding."""
     if is_array(inputs):

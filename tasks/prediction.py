@@ -37,6 +37,10 @@ class PredictTask(Task):  # type: ignore[misc]
                 f"inputs of {size} bytes exceed the limit of {limit} bytes (MAX_PAYLOAD_BYTES)"
             )
         options.setdefault("serializer", codec.choose_serializer(inputs))
+        # Celery's default argsrepr prints the whole array: most of a publish's CPU time.
+        model = args[0] if args else kwargs.get("model")
+        options.setdefault("argsrepr", f"({model!r}, {codec.describe(inputs)})")
+        options.setdefault("kwargsrepr", repr({k: v for k, v in kwargs.items() if k != "inputs"}))
         return super().apply_async(args, kwargs, *rest, **options)
 
 

@@ -1,0 +1,35 @@
+"""``make bench``: every benchmark, a table, and ``bench/results/latest.json``.
+
+``BENCH_QUICK=1`` shortens every measurement (the whole run stays under two minutes).
+"""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from bench import serving
+from bench.common import QUICK, print_table, stack_env, temp_dir, write_results
+
+
+def main() -> None:
+    work = temp_dir()
+    print(
+        f"benchmarks ({'quick' if QUICK else 'full'}) on {platform.machine()}, "
+        f"torch {torch.__version__}, logs in {work}"
+    )
+    rows = []
+    with stack_env(work / "repo") as env:
+        serving_rows = serving.run(env, work / "repo", work)
+        print_table(
+            "Serving (1 worker process, 1 torch thread; load generator in another process)",
+            serving_rows,
+        )
+        rows += serving_rows
+    write_results(rows)
+    print("\nwrote bench/results/latest.json")
+
+
+if __name__ == "__main__":
+    main()
