@@ -1,0 +1,273 @@
+"""The scaling policy, tick by tick on a fake clock, and its invariants under random load."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from common.errors import ConfigError
+from loader.cache import ModelKey
+from scaler.config import AutoscalerConfig, ColdStartStrategy, ModelLoaderConfig, ZeroScalingConfig
+from scaler.policy import NEW_WORKER_PREFIX, Plan, PolicyState, Snapshot, WorkerInfo, decide
+
+pytestmark = pytest.mark.timeout(120)
+
+A, B, C = ModelKey("a", "v1"), ModelKey("b", "v1"), ModelKey("c", "v2")
+MODELS = {A: 100, B: 200, C: 300}
+GB = 1024**3
+
+
+def config(**overrides: Any) -> AutoscalerConfig:
+    zero = overrides.pop("zero", {})
+    loading = overrides.pop("loading", {})
+    return AutoscalerConfig(
+        zero_scaling=ZeroScalingConfig(
+            **{"scale_to_zero_delay": 60, "cold_start_strategy": ColdStartStrategy.LAZY, **zero}
+        ),
+        model_loading=ModelLoaderConfig(**loading),
+        scale_down_stabilization_s=10,
+        target_load_per_instance=10,
+        **overrides,
+    )
+
+
+class Fleet:
+    """Applies plans perfectly: new workers appear serving what they were given."""
+
+    def __init__(self, cfg: AutoscalerConfig) -> None:
+        self.cfg = cfg
+        self.state = PolicyState()
+        self.workers: dict[str, WorkerInfo] = {}
+        self.started = 0
+
+    def tick(self, now: float, queued: dict[ModelKey, int] | None = None, **extra: Any) -> Plan:
+        snapshot = Snapshot(
+            now=now, models=MODELS, queued=queued or {}, workers=self.workers, **extra
+        )
+        plan, self.state = decide(snapshot, self.cfg, self.state)
+        workers = {}
+        for name, keys in plan.assignments.items():
+            if name in plan.stop_workers:
+                continue
+            if name.startswith(NEW_WORKER_PREFIX):
+                name = f"w{self.started}"
+                self.started += 1
+                base = WorkerInfo(name, managed=True)
+            else:
+                base = self.workers[name]
+            workers[name] = replace(base, serving=keys, loaded=base.loaded | keys, busy=())
+        self.workers = workers
+        return plan
+
+    def instances(self, key: ModelKey) -> int:
+        return sum(1 for w in self.workers.values() if key in w.serving)
+
+
+def test_a_first_request_starts_a_worker_with_its_model() -> None:
+    fleet = Fleet(config())
+    plan = fleet.tick(0.0, {A: 1})
+    assert plan.start_workers == 1
+    assert plan.decisions[0].model == A and "cold start" in plan.decisions[0].reason
+    assert fleet.instances(A) == 1
+
+
+def test_a_burst_adds_instances_at_once_up_to_max() -> None:
+    fleet = Fleet(config(loading={"max_instances_per_model": 3}))
+    fleet.tick(0.0, {A: 1})
+    assert fleet.tick(1.0, {A: 25}).desired[A] == 3
+    assert fleet.tick(2.0, {A: 500}).desired[A] == 3  # never above max
+    assert fleet.instances(A) == 3
+
+
+def test_scale_down_waits_for_the_stabilization_window() -> None:
+    fleet = Fleet(config())
+    fleet.tick(0.0, {A: 30})
+    assert fleet.instances(A) == 3
+    for t in range(1, 10):
+        fleet.tick(float(t), {A: 5})
+        assert fleet.instances(A) == 3, t
+    fleet.tick(11.0, {A: 5})
+    assert fleet.instances(A) == 1
+
+
+def test_idle_versions_go_to_zero_after_the_delay_and_the_fleet_stops() -> None:
+    fleet = Fleet(config())
+    fleet.tick(0.0, {A: 3})
+    for t in range(1, 60):
+        fleet.tick(float(t))
+        assert fleet.instances(A) == 1, t  # min_instances_per_model=1 until the delay
+    plan = fleet.tick(60.0)
+    assert plan.desired.get(A, 0) == 0 and "scale_to_zero_delay" in plan.decisions[0].reason
+    assert plan.stop_workers == ["w0"]
+    assert fleet.workers == {}
+
+
+def test_manual_pins_loads_and_unloads() -> None:
+    fleet = Fleet(config())
+    assert fleet.tick(0.0, pins={A: 2}).desired[A] == 2
+    fleet.tick(1000.0, pins={A: 2})
+    assert fleet.instances(A) == 2  # pinned: idle time does not matter
+    fleet.tick(1001.0, loads=frozenset({B}))
+    assert fleet.instances(B) == 1
+    fleet.tick(5000.0, loads=frozenset({B}))
+    assert fleet.instances(B) == 1  # loaded by hand: kept past the delay
+    plan = fleet.tick(5001.0, unloads={B: 5001.0})
+    assert plan.desired[B] == 0 and fleet.instances(B) == 0
+    # A request after the unload brings it back.
+    assert fleet.tick(5002.0, {B: 1}, unloads={B: 5001.0}).desired[B] == 1
+
+
+def test_a_failed_model_keeps_one_instance_during_its_cooldown() -> None:
+    fleet = Fleet(config(loading={"failure_cooldown_seconds": 30}))
+    plan = fleet.tick(0.0, {A: 100}, failures={A: 0.0})
+    assert plan.desired[A] == 1 and "load failed" in plan.decisions[0].reason
+    assert fleet.tick(31.0, {A: 100}, failures={A: 0.0}).desired[A] == 3
+
+
+def test_popular_models_stay_loaded_with_eager_preloading() -> None:
+    cfg = config(zero={"cold_start_strategy": ColdStartStrategy.EAGER, "popularity_threshold": 5})
+    fleet = Fleet(cfg)
+    plan = fleet.tick(0.0, popularity={C: 9.0, B: 1.0})
+    assert plan.desired == {C: 1}
+    fleet.tick(500.0, popularity={C: 9.0})
+    assert fleet.instances(C) == 1
+    fleet.tick(501.0, popularity={C: 1.0})
+    assert fleet.instances(C) == 0  # no longer popular and long idle
+
+
+def test_hybrid_keeps_one_warm_standby_while_serving() -> None:
+    fleet = Fleet(config(zero={"cold_start_strategy": ColdStartStrategy.HYBRID}))
+    fleet.tick(0.0, {A: 1})
+    assert len(fleet.workers) == 2
+    assert sorted(len(w.serving) for w in fleet.workers.values()) == [0, 1]
+    fleet.tick(1.0, {A: 1, B: 1})  # the standby takes B; a new standby is started
+    assert fleet.instances(B) == 1
+    assert sorted(len(w.serving) for w in fleet.workers.values()) == [0, 1, 1]
+    fleet.tick(200.0)
+    assert fleet.workers == {}  # nothing to serve: no standby either
+
+
+def test_instances_are_taken_from_idle_workers_first() -> None:
+    cfg = config()
+    busy = WorkerInfo("busy", serving=frozenset({A}), busy=((A, 4),), managed=True)
+    idle = WorkerInfo("idle", serving=frozenset({A}), managed=True)
+    state = PolicyState()
+    snapshot = Snapshot(now=0.0, models=MODELS, workers={"busy": busy, "idle": idle}, pins={A: 1})
+    plan, _ = decide(snapshot, cfg, state)
+    assert plan.assignments["busy"] == {A} and plan.assignments["idle"] == frozenset()
+    assert plan.stop_workers == ["idle"]
+
+
+def test_a_tick_with_ten_thousand_versions_stays_pure_and_small() -> None:
+    models = {ModelKey(f"m{i}", "v1"): 1000 for i in range(10_000)}
+    queued = {k: 1 for k in list(models)[:200]}
+    plan, state = decide(
+        Snapshot(now=0.0, models=models, queued=queued), config(max_workers=64), PolicyState()
+    )
+    assert len(plan.desired) == 200 and len(state.versions) == 200
+
+
+def test_invalid_configs_name_the_field() -> None:
+    with pytest.raises(ConfigError, match="min_instances_per_model=4 is above"):
+        ModelLoaderConfig(min_instances_per_model=4, max_instances_per_model=3)
+    with pytest.raises(ConfigError, match="scale_to_zero_delay=-1"):
+        ZeroScalingConfig(scale_to_zero_delay=-1)
+    with pytest.raises(ConfigError, match="cold_start_strategy='fast'"):
+        ZeroScalingConfig(cold_start_strategy="fast")
+
+
+loads = st.lists(
+    st.dictionaries(st.sampled_from([A, B, C]), st.integers(0, 80), max_size=3),
+    min_size=1,
+    max_size=40,
+)
+gaps = st.lists(st.floats(0.5, 40.0), min_size=40, max_size=40)
+
+
+@settings(max_examples=150, deadline=None)
+@given(loads=loads, gaps=gaps, low=st.integers(0, 2), high=st.integers(2, 4))
+def test_bounds_hold_unless_idle_past_the_delay(
+    loads: list[dict[ModelKey, int]], gaps: list[float], low: int, high: int
+) -> None:
+    cfg = config(
+        loading={"min_instances_per_model": low, "max_instances_per_model": high}, max_workers=16
+    )
+    fleet = Fleet(cfg)
+    now, last_busy = 0.0, dict.fromkeys(MODELS, -1e9)
+    for queued, gap in zip(loads + [{}] * 10, gaps + [30.0] * 10, strict=False):
+        now += gap
+        plan = fleet.tick(now, queued)
+        for key in MODELS:
+            if queued.get(key):
+                last_busy[key] = now
+            n = plan.desired.get(key, 0)
+            assert n <= high
+            if 0 < n:
+                assert n >= low
+            if n == 0 and queued.get(key):
+                raise AssertionError(f"{key} has waiting requests and no instance")
+            if n < low and now - last_busy[key] < cfg.zero_scaling.scale_to_zero_delay:
+                assert last_busy[key] < 0 or n >= low, (key, n, now, last_busy[key])
+
+
+@settings(max_examples=100, deadline=None)
+@given(load=st.integers(1, 200), ticks=st.integers(5, 60))
+def test_constant_load_never_oscillates(load: int, ticks: int) -> None:
+    fleet = Fleet(config(max_workers=16))
+    history = []
+    for t in range(ticks):
+        history.append(fleet.tick(float(t), {A: load}).desired[A])
+    changes = sum(1 for x, y in zip(history, history[1:], strict=False) if x != y)
+    assert changes == 0, history
+
+
+@settings(max_examples=100, deadline=None)
+@given(delay=st.floats(1.0, 100.0), busy_ticks=st.integers(1, 10))
+def test_zero_exactly_after_the_delay(delay: float, busy_ticks: int) -> None:
+    fleet = Fleet(config(zero={"scale_to_zero_delay": delay}))
+    for t in range(busy_ticks):
+        fleet.tick(float(t), {A: 3})
+    last_busy = float(busy_ticks - 1)
+    t = last_busy
+    while t < last_busy + delay + 2:
+        t += 0.5
+        fleet.tick(t)
+        expected = 0 if t - last_busy >= delay else 1
+        assert fleet.instances(A) == expected, (t, last_busy, delay)
+
+
+sizes = st.integers(1, 6 * GB)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    models=st.dictionaries(
+        st.builds(ModelKey, st.sampled_from("pqrstu"), st.just("v1")), sizes, min_size=1
+    ),
+    workers=st.lists(st.tuples(st.integers(1, 12), st.integers(1, 4)), min_size=0, max_size=5),
+    queued=st.lists(st.integers(0, 60), min_size=6, max_size=6),
+)
+def test_placement_never_exceeds_a_workers_memory_or_slots(
+    models: dict[ModelKey, int], workers: list[tuple[int, int]], queued: list[int]
+) -> None:
+    cfg = config(max_workers=8, loading={"cache_size_gb": 8.0}, zero={"max_loaded_models": 3})
+    infos = {
+        f"w{i}": WorkerInfo(f"w{i}", capacity_bytes=gb * GB, max_models=slots, managed=True)
+        for i, (gb, slots) in enumerate(workers)
+    }
+    snapshot = Snapshot(
+        now=0.0, models=models, workers=infos,
+        queued={k: q for k, q in zip(sorted(models), queued, strict=False) if q},
+    )  # fmt: skip
+    plan, _ = decide(snapshot, cfg, PolicyState())
+    for name, keys in plan.assignments.items():
+        cap_bytes, cap_models = (
+            (infos[name].capacity_bytes, infos[name].max_models) if name in infos else (8 * GB, 3)
+        )
+        assert len(keys) <= cap_models
+        assert sum(models[k] for k in keys) <= cap_bytes
+    assert len(infos) + plan.start_workers <= cfg.max_workers
