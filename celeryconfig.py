@@ -63,3 +63,7 @@ task_default_queue = "celery"
 worker_send_task_events = _serving.task_events
 task_send_sent_event = False
 worker_enable_remote_control = True
+
+# `celery -A workers beat` runs the scaler.
+beat_scheduler = "scaler.beat:ScalerScheduler"
+beat_max_loop_interval = 1.0

@@ -45,3 +45,27 @@ def priority_queue_keys(queue: str) -> list[str]:
 
 def worker_report_key(hostname: str) -> str:
     return WORKER_REPORT.format(hostname=hostname)
+
+
+# --- scaler -----------------------------------------------------------------------------
+# String (SET NX PX): the id of the scaler that may act; renewed every tick.
+SCALER_LEADER = _NS + "scaler:leader"
+# String with a TTL: the leader's last tick (desired instances, fleet, timings) as JSON.
+SCALER_STATUS = _NS + "scaler:status"
+# List, newest first, capped: every scaling decision (time, model, from, to, reason).
+SCALER_DECISIONS = _NS + "scaler:decisions"
+# Pub/sub channel: producers poke the scaler when they queue for a version nobody serves.
+SCALER_POKE = _NS + "scaler:poke"
+# Set: "name/version" of every version with at least one instance (read by producers).
+SERVED = _NS + "served"
+# Hash: "name/version" -> JSON manual override ({"instances": n} | {"load": true} |
+# {"unload_at": t}); kept until changed, so a restarted scaler honours it.
+OVERRIDES = _NS + "overrides"
+# Hash: "name/version" -> decaying request count (popularity).
+POPULARITY = _NS + "popularity"
+# Hash: worker hostname -> JSON record of a worker process the local backend started.
+FLEET = _NS + "fleet"
+
+
+def model_key_text(name: str, version: str) -> str:
+    return f"{name}/{version}"

@@ -80,6 +80,9 @@ class WorkerSettings(BaseSettings):
     # Batching defaults for models whose config says nothing.
     max_batch_size: int = Field(32, ge=1)
     max_batch_delay_ms: float = Field(0.0, ge=0)
+    # Exit (warm shutdown) after Redis has been unreachable this long; 0 never. Workers the
+    # scaler's local backend starts set it, so none outlives its stack.
+    orphan_exit_s: float = Field(0.0, ge=0)
     # Models to serve from the start: "name" (every version) or "name:version".
     models: CommaList = Field(default_factory=list)
 
@@ -95,6 +98,23 @@ class WorkerSettings(BaseSettings):
     @property
     def cache_size_bytes(self) -> int:
         return int(self.cache_size_gb * 1024**3)
+
+
+class ScalerSettings(BaseSettings):
+    """The scaler process (``celery -A workers beat``): where its full config lives, and the
+    settings most often changed without one."""
+
+    model_config = SettingsConfigDict(env_prefix="SCALER_", extra="ignore")
+
+    # A JSON file with AutoscalerConfig's fields (SEED.md's names, nested sections).
+    config_file: Path | None = None
+    tick_interval_s: float | None = Field(None, gt=0)
+    backend: str | None = Field(None, pattern="^(local|static)$")
+    scale_to_zero_delay: float | None = Field(None, ge=0)
+    max_workers: int | None = Field(None, ge=1)
+    cold_start_strategy: str | None = None
+    # Where the local backend writes its workers' logs; none: discarded.
+    log_dir: Path | None = None
 
 
 def _build(cls: type[BaseSettings]) -> BaseSettings:
@@ -117,4 +137,11 @@ def serving_settings() -> ServingSettings:
 def worker_settings() -> WorkerSettings:
     settings = _build(WorkerSettings)
     assert isinstance(settings, WorkerSettings)
+    return settings
+
+
+@lru_cache(maxsize=1)
+def scaler_settings() -> ScalerSettings:
+    settings = _build(ScalerSettings)
+    assert isinstance(settings, ScalerSettings)
     return settings

@@ -174,6 +174,8 @@ class Batcher:
         self._cond = threading.Condition()
         self._queues: dict[ModelKey, deque[Item]] = {}
         self._running = 0
+        self._running_key: ModelKey | None = None
+        self._running_items = 0
         self._stopping = False
         self._done: queue.SimpleQueue[list[Outcome] | None] = queue.SimpleQueue()
         self.stats = BatcherStats()
@@ -206,6 +208,14 @@ class Batcher:
     def pending(self) -> dict[ModelKey, int]:
         with self._cond:
             return {key: len(items) for key, items in self._queues.items() if items}
+
+    def busy(self) -> dict[ModelKey, int]:
+        """Requests held per model version: waiting for a batch or running."""
+        with self._cond:
+            held = {key: len(items) for key, items in self._queues.items() if items}
+            if self._running_key is not None:
+                held[self._running_key] = held.get(self._running_key, 0) + self._running_items
+            return held
 
     @property
     def in_flight(self) -> int:
@@ -242,6 +252,7 @@ class Batcher:
                     picked, wait_s = self._pick()
                     if picked is not None:
                         self._running += sum(i.n_rows for i in picked[1])
+                        self._running_key, self._running_items = picked[0], len(picked[1])
                         break
                     if self._stopping and not any(self._queues.values()):
                         return
@@ -254,9 +265,10 @@ class Batcher:
                 outcomes = [
                     Outcome(i, error=ModelExecutionError(f"internal error: {exc}")) for i in items
                 ]
+            self._done.put(outcomes)
             with self._cond:
                 self._running -= sum(i.n_rows for i in items)
-            self._done.put(outcomes)
+                self._running_key, self._running_items = None, 0
 
     def _pick(self) -> tuple[tuple[ModelKey, list[Item]] | None, float | None]:
         """The next batch to run, or how long to wait before looking again (None: until woken)."""

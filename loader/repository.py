@@ -149,8 +149,13 @@ class ModelRepository:
         versions = {}
         for version in self.versions(name):
             spec = self.spec(name, version)
+            try:
+                size = self.model_file(name, version, spec).stat().st_size
+            except OSError:
+                size = 0
             versions[version] = {
                 "format": spec.format.value,
+                "bytes": size,
                 "input": spec.input.model_dump(mode="json"),
                 "scaling": spec.scaling,
             }

@@ -124,7 +124,9 @@ def decide(
     decisions: list[Decision] = []
     for key in sorted(keys):
         current = snapshot.current(key)
-        vstate = versions.get(key) or VersionState(last_active=-math.inf)
+        # A version found serving by a fresh scaler (a restart) counts as just active, so
+        # that a restart never scales the fleet down on the spot.
+        vstate = versions.get(key) or VersionState(last_active=now if current > 0 else -math.inf)
         target, reason, immediate, vstate = _recommend(
             key, snapshot, config, vstate, current, started_at
         )

@@ -17,7 +17,7 @@ from celery import Task
 from common.errors import PayloadTooLargeError
 from common.settings import serving_settings
 from tasks import codec
-from tasks.routing import PREDICT, PREDICT_BATCH
+from tasks.routing import PREDICT, PREDICT_BATCH, ModelRouter
 from workers import app
 
 
@@ -41,7 +41,13 @@ class PredictTask(Task):  # type: ignore[misc]
         model = args[0] if args else kwargs.get("model")
         options.setdefault("argsrepr", f"({model!r}, {codec.describe(inputs)})")
         options.setdefault("kwargsrepr", repr({k: v for k, v in kwargs.items() if k != "inputs"}))
-        return super().apply_async(args, kwargs, *rest, **options)
+        result = super().apply_async(args, kwargs, *rest, **options)
+        version = kwargs.get("version")
+        router = self.app.conf.task_routes[0] if self.app.conf.task_routes else None
+        if version and isinstance(router, ModelRouter):
+            # After the publish, so that the woken scaler finds the request in the queue.
+            router.registry.poke_if_unserved(model, version)
+        return result
 
 
 @app.task(base=PredictTask, name=PREDICT)

@@ -41,6 +41,9 @@ class RegistryView:
         self._ttl_s = ttl_s
         self._lock = threading.Lock()
         self._entries: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._served: set[str] = set()
+        self._served_at = -1e9
+        self._poked: dict[str, float] = {}
 
     def _redis(self) -> redis.Redis:
         if self._client is None:
@@ -87,6 +90,17 @@ class RegistryView:
     def forget(self) -> None:
         with self._lock:
             self._entries.clear()
+
+    def poke_if_unserved(self, name: str, version: str) -> None:
+        """Wake the scaler when this version has no instance (a cold start)."""
+        now = time.monotonic()
+        if now - self._served_at >= max(self._ttl_s, 0.5):
+            self._served = {m.decode() for m in self._redis().smembers(keys.SERVED)}
+            self._served_at = now
+        text = keys.model_key_text(name, version)
+        if text not in self._served and now - self._poked.get(text, -1e9) >= 1.0:
+            self._poked[text] = now
+            self._redis().publish(keys.SCALER_POKE, text)
 
 
 def pick_version(entry: dict[str, Any], rng: random.Random | None = None) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -24,6 +25,7 @@ from common.errors import InferenceError
 from common.redis import redis_client
 from common.settings import ServingSettings, WorkerSettings, serving_settings, worker_settings
 from loader.cache import ModelKey
+from loader.registry import publish_registry
 from loader.server import ModelServer
 from monitoring.resources import ProcessSampler, gpu_reading
 from tasks.strategy import Completer, HeldMessages, admit
@@ -31,16 +33,6 @@ from tasks.strategy import Completer, HeldMessages, admit
 logger = logging.getLogger(__name__)
 
 REGISTRY_REFRESH_S = 5.0
-
-
-def publish_registry(client: Any, registry: dict[str, dict[str, Any]]) -> None:
-    """Replace the registry hash with ``registry`` in one transaction."""
-    pipe = client.pipeline(transaction=True)
-    pipe.delete(keys.REGISTRY)
-    if registry:
-        pipe.hset(keys.REGISTRY, mapping={n: json.dumps(e) for n, e in registry.items()})
-    pipe.set(keys.REGISTRY_UPDATED, time.time())
-    pipe.execute()
 
 
 class Reporter:
@@ -67,6 +59,8 @@ class Reporter:
         self._thread = threading.Thread(target=self._loop, name="worker-report", daemon=True)
         self._registry_at = 0.0
         self._registry: dict[str, Any] | None = None
+        self.orphan_exit_s = settings.orphan_exit_s
+        self._last_ok = time.monotonic()
 
     def start(self) -> None:
         self._thread.start()
@@ -84,17 +78,26 @@ class Reporter:
         while not self._stop.is_set():
             try:
                 self.tick(time.time())
+                self._last_ok = time.monotonic()
             except Exception as exc:
                 # Redis away for a moment: the next tick tries again, serving goes on.
                 logger.warning("worker %s report failed: %s", self.worker.hostname, exc)
+                away_s = time.monotonic() - self._last_ok
+                if self.orphan_exit_s and away_s > self.orphan_exit_s:
+                    logger.error(
+                        "worker %s: Redis unreachable for %.0f s; shutting down",
+                        self.worker.hostname,
+                        away_s,
+                    )
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
             self._stop.wait(self.interval_s)
 
     def queues(self) -> list[str]:
-        consumer = getattr(self.worker, "consumer", None)
-        task_consumer = getattr(consumer, "task_consumer", None)
-        if task_consumer is None:
-            return []
-        return sorted(q.name for q in list(task_consumer.queues))
+        # The queues the worker is told to consume (-Q, add_consumer, cancel_consumer), also
+        # before its consumer has connected.
+        consume_from = self.worker.app.amqp.queues.consume_from or {}
+        return sorted(consume_from)
 
     def report(self, now: float) -> dict[str, Any]:
         server = self.server
@@ -120,6 +123,9 @@ class Reporter:
             "loaded_bytes": server.cache.loaded_bytes(),
             "in_flight": len(self.held),
             "pending": {str(k): n for k, n in server.batcher.pending().items()},
+            "busy": {str(k): n for k, n in server.batcher.busy().items()},
+            "capacity_bytes": server.cache.cache_size_bytes,
+            "max_models": server.cache.max_loaded_models,
             "served": stats.served,
             "failed": stats.failed,
             "batches": stats.batches,

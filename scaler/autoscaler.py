@@ -1,0 +1,247 @@
+"""SEED.md's Python API on the queue shape: ``Autoscaler``, ``ZeroScaler``, ``DynamicModelLoader``.
+
+``Autoscaler.start()`` runs the scaler loop (the same ``ScalerLoop`` that ``celery -A
+workers beat`` runs) in a background thread of this process; a leader lock in Redis makes
+it safe beside a beat scaler, only one of them acts. ``predict`` queues like
+``predict.delay`` and awaits the result without blocking the event loop. Manual control
+(``scale_model``, ``load_model``, ``unload_model``) is written to Redis, where every scaler
+(this one, a beat process, a restarted one) reads it. ``model_manager`` is accepted for
+SEED.md's signature and not used: models come from the repository.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from common import keys
+from common.redis import redis_client
+from common.settings import serving_settings
+from loader.cache import ModelKey
+from scaler.beat import build_loop
+from scaler.config import AutoscalerConfig, ModelLoaderConfig, ZeroScalingConfig
+from scaler.loop import ScalerLoop
+from scaler.store import ScalerStore
+
+logger = logging.getLogger(__name__)
+
+AlertCallback = Callable[[str, str], None]
+
+
+class Autoscaler:
+    def __init__(
+        self,
+        config: AutoscalerConfig | None = None,
+        model_manager: Any = None,
+        *,
+        run_scaler: bool = True,
+    ) -> None:
+        self.config = config or AutoscalerConfig()
+        self.run_scaler = run_scaler
+        self._client = redis_client(serving_settings().redis_url)
+        self.store = ScalerStore(self._client)
+        self._loop: ScalerLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._alert_callbacks: list[AlertCallback] = []
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        if not self.run_scaler or self._thread is not None:
+            return
+        from workers import app
+
+        self._loop = build_loop(app, self.config)
+        # One tick before returning: the registry is published, producers can route.
+        await asyncio.to_thread(self._loop.tick)
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="scaler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        assert self._loop is not None
+        period = self.config.tick_interval_s
+        pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        with contextlib.suppress(Exception):
+            pubsub.subscribe(keys.SCALER_POKE)
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            try:
+                self._loop.tick()
+            except Exception:
+                logger.exception("scaler tick failed")
+            deadline = started + period
+            while not self._stopping.is_set() and (left := deadline - time.monotonic()) > 0:
+                try:
+                    if pubsub.get_message(timeout=min(left, 0.25)) is not None:
+                        break
+                except Exception:
+                    self._stopping.wait(left)
+        with contextlib.suppress(Exception):
+            pubsub.close()
+
+    async def stop(self, *, stop_workers: bool = False) -> None:
+        """Stop this process's scaler loop; with ``stop_workers``, also the workers it started."""
+        self._stopping.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+            self._thread = None
+        if self._loop is not None:
+            self._loop.store.resign()
+            backend = self._loop.backend
+            if stop_workers and hasattr(backend, "stop_all"):
+                await asyncio.to_thread(backend.stop_all)
+
+    # -- requests ---------------------------------------------------------------------------
+    async def predict(
+        self,
+        model_name: str,
+        inputs: Any,
+        *,
+        version: str | None = None,
+        priority: int | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        from tasks import predict
+
+        timeout = timeout or self.config.zero_scaling.cold_start_timeout + 30.0
+        options: dict[str, Any] = {"expires": timeout}
+        if priority is not None:
+            options["priority"] = priority
+        result = predict.apply_async((model_name, inputs), {"version": version}, **options)
+        return await asyncio.to_thread(result.get, timeout=timeout)
+
+    # -- manual control ---------------------------------------------------------------------
+    def _key(self, model_name: str, version: str | None) -> ModelKey:
+        from workers import app
+
+        router = app.conf.task_routes[0]
+        return ModelKey(model_name, router.registry.resolve(model_name, version))
+
+    async def scale_model(
+        self, model_name: str, target_instances: int | None, *, version: str | None = None
+    ) -> None:
+        """Pin a version's instances; ``None`` gives it back to the automatic policy."""
+        if target_instances is not None and target_instances < 0:
+            raise ValueError(f"target_instances={target_instances} is below 0")
+        key = self._key(model_name, version)
+        record = None if target_instances is None else {"instances": int(target_instances)}
+        await asyncio.to_thread(self.store.set_override, key, record)
+
+    async def load_model(self, model_name: str, version: str | None = None) -> None:
+        """Load a version now and keep it loaded until ``unload_model``."""
+        key = self._key(model_name, version)
+        await asyncio.to_thread(self.store.set_override, key, {"load": True})
+
+    async def unload_model(self, model_name: str, version: str | None = None) -> None:
+        """Take a version to zero now; a later request brings it back."""
+        key = self._key(model_name, version)
+        await asyncio.to_thread(self.store.set_override, key, {"unload_at": time.time()})
+
+    # -- reading ----------------------------------------------------------------------------
+    def get_stats(self) -> dict[str, Any]:
+        status = self.store.status() or {}
+        return {
+            "scaler": {
+                k: status.get(k) for k in ("time", "leader", "tick_ms", "registered_versions")
+            },
+            "desired_instances": status.get("desired", {}),
+            "active_instances": status.get("instances", {}),
+            "queued": status.get("queued", {}),
+            "workers": status.get("workers", {}),
+            "decisions": self.store.decisions(50),
+        }
+
+    def get_health_status(self) -> dict[str, Any]:
+        try:
+            self._client.ping()
+            redis_ok = True
+        except Exception:
+            redis_ok = False
+        status = self.store.status() if redis_ok else None
+        scaler_age = time.time() - status["time"] if status else None
+        healthy_scaler = scaler_age is not None and scaler_age < 5 * self.config.tick_interval_s + 5
+        workers = status.get("workers", {}) if status else {}
+        return {
+            "healthy": redis_ok and healthy_scaler,
+            "redis": "ok" if redis_ok else "unreachable",
+            "scaler": "ok" if healthy_scaler else "no recent tick",
+            "scaler_last_tick_age_s": None if scaler_age is None else round(scaler_age, 3),
+            "workers": {n: ("starting" if w["starting"] else "ok") for n, w in workers.items()},
+        }
+
+    def add_alert_callback(self, callback: AlertCallback) -> None:
+        """Register ``callback(alert_key, message)``.
+
+        Alerts are raised by the monitoring rules (memory, CPU, error rate, response time,
+        queue depth, cold-start time) that come with the metrics history; until those rules
+        run, no alert is raised and the callbacks registered here are not called.
+        """
+        self._alert_callbacks.append(callback)
+
+    def _fire_alert(self, alert_key: str, message: str) -> None:
+        for callback in list(self._alert_callbacks):
+            try:
+                callback(alert_key, message)
+            except Exception:
+                logger.exception("alert callback %r failed for %s", callback, alert_key)
+
+
+class ZeroScaler:
+    """Scale to zero and back with SEED.md's ``ZeroScalingConfig``."""
+
+    def __init__(self, config: ZeroScalingConfig | None = None) -> None:
+        self.autoscaler = Autoscaler(AutoscalerConfig(zero_scaling=config or ZeroScalingConfig()))
+
+    @contextlib.asynccontextmanager
+    async def scaler_context(self) -> AsyncIterator[ZeroScaler]:
+        await self.autoscaler.start()
+        try:
+            yield self
+        finally:
+            await self.autoscaler.stop()
+
+    async def predict(self, model_name: str, inputs: Any, *, version: str | None = None) -> Any:
+        return await self.autoscaler.predict(model_name, inputs, version=version)
+
+
+class DynamicModelLoader:
+    """On-demand loading and multi-version serving with SEED.md's ``ModelLoaderConfig``."""
+
+    def __init__(self, config: ModelLoaderConfig | None = None) -> None:
+        self.autoscaler = Autoscaler(AutoscalerConfig(model_loading=config or ModelLoaderConfig()))
+
+    async def start(self) -> None:
+        await self.autoscaler.start()
+
+    async def stop(self) -> None:
+        await self.autoscaler.stop()
+
+    async def load_model(self, model_name: str, version: str | None = None) -> None:
+        await self.autoscaler.load_model(model_name, version)
+
+    async def unload_model(self, model_name: str, version: str | None = None) -> None:
+        await self.autoscaler.unload_model(model_name, version)
+
+    async def predict(self, model_name: str, inputs: Any, *, version: str | None = None) -> Any:
+        return await self.autoscaler.predict(model_name, inputs, version=version)
+
+    def list_loaded_models(self) -> list[dict[str, Any]]:
+        """Every loaded model version with the workers that hold it."""
+        status = self.autoscaler.store.status() or {}
+        holders: dict[str, list[str]] = {}
+        for worker, info in status.get("workers", {}).items():
+            for text in info.get("loaded", []):
+                holders.setdefault(text, []).append(worker)
+        return [
+            {"model": text.split("/")[0], "version": text.split("/")[1], "workers": sorted(w)}
+            for text, w in sorted(holders.items())
+        ]
+
+    def get_stats(self) -> dict[str, Any]:
+        return self.autoscaler.get_stats()

@@ -1,0 +1,163 @@
+"""Process backends: how the scaler starts and stops worker processes.
+
+- ``local``: ``celery -A workers worker`` subprocesses on this host, each in its own
+  session so that a restarted scaler can adopt them (their pids are kept in Redis), and
+  each told to shut itself down if Redis stays unreachable (``WORKER_ORPHAN_EXIT_S``), so
+  none outlives its stack. Stopping is a warm shutdown (SIGTERM): the running batch
+  finishes, waiting requests go back to their queues.
+- ``static``: a fixed fleet (docker compose, hand-started workers): the scaler only
+  retargets; starting and stopping are not its business.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Protocol
+
+from common import keys
+from scaler.processes import PROJECT_ROOT
+from scaler.store import FleetRecord, ScalerStore
+
+logger = logging.getLogger(__name__)
+
+
+class Backend(Protocol):
+    can_start: bool
+
+    def start(self, queues: list[str]) -> FleetRecord | None: ...
+
+    def stop(self, record: FleetRecord) -> None: ...
+
+    def alive(self, record: FleetRecord) -> bool: ...
+
+
+class StaticBackend:
+    can_start = False
+
+    def start(self, queues: list[str]) -> FleetRecord | None:
+        return None
+
+    def stop(self, record: FleetRecord) -> None:
+        return None
+
+    def alive(self, record: FleetRecord) -> bool:
+        return True
+
+
+def _pid_alive(pid: int, hostname: str) -> bool:
+    """True if ``pid`` runs and is the worker named ``hostname`` (not a reused pid)."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[-1].split()[0] == "Z":
+                return False
+    except OSError:
+        return True  # no /proc (not Linux): trust kill(0)
+    return hostname.encode() in cmdline
+
+
+class LocalBackend:
+    can_start = True
+
+    def __init__(
+        self,
+        store: ScalerStore,
+        *,
+        env: dict[str, str] | None = None,
+        log_dir: Path | None = None,
+        orphan_exit_s: float = 30.0,
+    ) -> None:
+        self.store = store
+        self.env = dict(env or {})
+        self.log_dir = log_dir
+        self.orphan_exit_s = orphan_exit_s
+        self.host = socket.gethostname()
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
+
+    def start(self, queues: list[str]) -> FleetRecord:
+        hostname = f"scaled-{uuid.uuid4().hex[:8]}@{self.host}"
+        # A worker with no model yet consumes only a queue of its own: it is the standby.
+        own = f"worker.{hostname.split('@')[0]}"
+        command = [
+            sys.executable, "-m", "celery", "-A", "workers", "worker", "-n", hostname,
+            "--loglevel", "INFO", "--without-mingle", "--without-gossip",
+            "-Q", ",".join(queues or [own]),
+        ]  # fmt: skip
+        env = {
+            **os.environ,
+            **self.env,
+            "WORKER_ORPHAN_EXIT_S": str(self.orphan_exit_s),
+            "PYTHONPATH": os.pathsep.join(
+                p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p
+            ),
+        }
+        log = open(self.log_dir / f"{hostname.split('@')[0]}.log", "ab") if self.log_dir else None  # noqa: SIM115
+        proc = subprocess.Popen(
+            command,
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=log or subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # survives a scaler restart; adopted through Redis
+        )
+        if log is not None:
+            log.close()
+        self._children[proc.pid] = proc
+        record = FleetRecord(
+            hostname=hostname,
+            pid=proc.pid,
+            host=self.host,
+            started_at=time.time(),
+            queues=list(queues),
+        )
+        self.store.fleet_add(record)
+        logger.info("started worker %s (pid %d) for %s", hostname, proc.pid, queues or "standby")
+        return record
+
+    def stop(self, record: FleetRecord) -> None:
+        if record.host != self.host:
+            logger.warning(
+                "worker %s runs on %s, not here: not stopping it", record.hostname, record.host
+            )
+            return
+        if _pid_alive(record.pid, record.hostname):
+            logger.info("stopping worker %s (pid %d)", record.hostname, record.pid)
+            os.kill(record.pid, signal.SIGTERM)
+
+    def alive(self, record: FleetRecord) -> bool:
+        if record.host != self.host:
+            return True
+        child = self._children.get(record.pid)
+        if child is not None and child.poll() is not None:
+            self._children.pop(record.pid, None)
+            return False
+        return _pid_alive(record.pid, record.hostname)
+
+    def stop_all(self, *, timeout_s: float = 60.0) -> None:
+        """Warm-stop every worker this backend's fleet record names, and wait for them."""
+        records = [
+            FleetRecord.from_json(raw) for raw in self.store.client.hgetall(keys.FLEET).values()
+        ]
+        for record in records:
+            self.stop(record)
+        deadline = time.monotonic() + timeout_s
+        for record in records:
+            while self.alive(record) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self.alive(record):
+                os.kill(record.pid, signal.SIGKILL)
+            self.store.fleet_remove(record.hostname)

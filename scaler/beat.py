@@ -1,0 +1,128 @@
+"""The scaler inside ``celery -A workers beat``: a beat scheduler whose tick is a scaler tick.
+
+Beat keeps running with no worker up (it only needs Redis). Between ticks the scheduler
+waits on the poke channel, so a producer that queues for a version nobody serves wakes it
+at once instead of after the tick period. Periodic tasks in ``beat_schedule`` still run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from celery import beat
+
+from common import keys
+from common.redis import redis_client
+from common.settings import scaler_settings, serving_settings
+from loader.repository import ModelRepository
+from scaler.backends import LocalBackend
+from scaler.config import AutoscalerConfig
+from scaler.loop import ScalerLoop
+
+logger = logging.getLogger(__name__)
+
+
+def config_from_settings() -> AutoscalerConfig:
+    settings = scaler_settings()
+    data: dict[str, Any] = {}
+    if settings.config_file is not None:
+        data = json.loads(settings.config_file.read_text())
+    for name in ("tick_interval_s", "backend", "max_workers"):
+        value = getattr(settings, name)
+        if value is not None:
+            data[name] = value
+    zero = dict(data.get("zero_scaling", {}))
+    if settings.scale_to_zero_delay is not None:
+        zero["scale_to_zero_delay"] = settings.scale_to_zero_delay
+    if settings.cold_start_strategy is not None:
+        zero["cold_start_strategy"] = settings.cold_start_strategy
+    data["zero_scaling"] = zero
+    return AutoscalerConfig(**data)
+
+
+def worker_env(config: AutoscalerConfig) -> dict[str, str]:
+    """Settings of the workers a local backend starts, from the scaler's config."""
+    zero, loading = config.zero_scaling, config.model_loading
+    return {
+        "WORKER_MAX_LOADED_MODELS": str(zero.max_loaded_models),
+        "WORKER_CACHE_SIZE_GB": str(loading.cache_size_gb),
+        "WORKER_LOAD_TIMEOUT_SECONDS": str(loading.load_timeout_seconds),
+        "WORKER_WARMUP_TIMEOUT_SECONDS": str(
+            min(zero.warmup_timeout, loading.warmup_timeout_seconds)
+        ),
+        "WORKER_CONCURRENT_LOADS": str(loading.concurrent_loads),
+        "WORKER_FAILURE_COOLDOWN_SECONDS": str(loading.failure_cooldown_seconds),
+    }
+
+
+def build_loop(app: Any, config: AutoscalerConfig | None = None) -> ScalerLoop:
+    config = config or config_from_settings()
+    serving = serving_settings()
+    client = redis_client(serving.redis_url, socket_timeout=10)
+    repository = (
+        ModelRepository(serving.model_repository) if serving.model_repository.is_dir() else None
+    )
+    loop = ScalerLoop(config, client=client, app=app, repository=repository)
+    if isinstance(loop.backend, LocalBackend):
+        loop.backend.env.update(worker_env(config))
+        loop.backend.log_dir = scaler_settings().log_dir
+    return loop
+
+
+class Waiter:
+    """Sleeps until the next tick or a poke, whichever comes first."""
+
+    def __init__(self, client: Any) -> None:
+        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
+        self._subscribed = False
+
+    def wait(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        try:
+            if not self._subscribed:
+                self._pubsub.subscribe(keys.SCALER_POKE)
+                self._subscribed = True
+            while (left := deadline - time.monotonic()) > 0:
+                if self._pubsub.get_message(timeout=left) is not None:
+                    return
+        except Exception as exc:  # Redis away: sleep the tick out, try again next time
+            logger.warning("scaler: waiting for pokes failed: %s", exc)
+            self._subscribed = False
+            time.sleep(max(0.0, deadline - time.monotonic()))
+
+
+class ScalerScheduler(beat.Scheduler):  # type: ignore[misc]
+    """``beat_scheduler``: every beat tick is a scaler tick."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._loop: ScalerLoop | None = None
+        self._waiter: Waiter | None = None
+        super().__init__(*args, **kwargs)
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        if self._loop is None:
+            self._loop = build_loop(self.app)
+            self._waiter = Waiter(self._loop.store.client)
+            logger.info(
+                "scaler started (tick %.2f s, backend %s)",
+                self._loop.config.tick_interval_s,
+                self._loop.config.backend,
+            )
+        started = time.monotonic()
+        try:
+            self._loop.tick()
+        except Exception:
+            # Redis down or a bad answer: log it, keep beat alive, try on the next tick.
+            logger.exception("scaler tick failed")
+        next_task = super().tick(*args, **kwargs)
+        period = self._loop.config.tick_interval_s
+        assert self._waiter is not None
+        self._waiter.wait(max(0.0, min(period - (time.monotonic() - started), next_task or period)))
+        return 0.0
+
+    @property
+    def info(self) -> str:
+        return "scaler (model instances from queue depth)"

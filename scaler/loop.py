@@ -1,0 +1,245 @@
+"""One scaler tick: lead, read, decide, act, record. ``tick(now)`` is what beat drives and
+what tests call directly."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from common import keys
+from loader.cache import ModelKey
+from loader.registry import publish_registry
+from loader.repository import ModelRepository
+from scaler.backends import Backend, LocalBackend, StaticBackend
+from scaler.config import AutoscalerConfig
+from scaler.policy import NEW_WORKER_PREFIX, Decision, Plan, PolicyState, decide
+from scaler.store import FleetView, ScalerStore, parse_key
+
+logger = logging.getLogger(__name__)
+
+REGISTRY_REFRESH_S = 5.0
+# A remote-control command a worker has not acted on is sent again after this long.
+RESEND_S = 3.0
+# An unload of at least this many bytes must show in the worker's RSS, or it is recycled.
+RECYCLE_MIN_BYTES = 64 * 1024**2
+
+
+@dataclass
+class TickResult:
+    leader: bool
+    plan: Plan | None = None
+    tick_ms: float = 0.0
+    started: list[str] = field(default_factory=list)
+    stopped: list[str] = field(default_factory=list)
+
+
+class ScalerLoop:
+    def __init__(
+        self,
+        config: AutoscalerConfig,
+        *,
+        client: redis.Redis,
+        app: Any,
+        backend: Backend | None = None,
+        repository: ModelRepository | None = None,
+    ) -> None:
+        self.config = config
+        self.app = app
+        self.store = ScalerStore(client, report_ttl_s=max(5.0, 3 * config.tick_interval_s))
+        self.backend: Backend = backend or (
+            LocalBackend(self.store) if config.backend == "local" else StaticBackend()
+        )
+        self.repository = repository
+        self.state = PolicyState()
+        self._sent: dict[tuple[str, str, str], float] = {}
+        self._rows: dict[tuple[str, str], int] = {}
+        self._registry_at = -1e18
+        self._registry: dict[str, Any] | None = None
+        self._popularity_at: float | None = None
+        self._unloads: dict[str, tuple[float, int, int]] = {}  # worker -> (time, rss, bytes)
+        self.last: TickResult | None = None
+
+    # -- the tick ---------------------------------------------------------------------------
+    def tick(self, now: float | None = None) -> TickResult:
+        now = time.time() if now is None else now
+        started = time.perf_counter()
+        if not self.store.lead(self.config.leader_ttl_s):
+            self.last = TickResult(leader=False)
+            return self.last
+        self._publish_registry()
+        view = self.store.read(now)
+        self._reap(view, now)
+        plan, self.state = decide(view.snapshot, self.config, self.state)
+        result = TickResult(leader=True, plan=plan)
+        self._apply(plan, view, now, result)
+        self._record_popularity(view, now)
+        result.tick_ms = (time.perf_counter() - started) * 1000
+        served = {k for k, n in plan.desired.items() if n > 0} | {
+            k for w in view.snapshot.workers.values() for k in w.serving
+        }
+        self.store.record(plan.decisions, self._status(view, plan, result, now), served)
+        for d in plan.decisions:
+            logger.info(
+                "model %s/%s: %d -> %d instances (%s)",
+                d.model.name,
+                d.model.version,
+                d.from_instances,
+                d.to_instances,
+                d.reason,
+            )
+        self.last = result
+        return result
+
+    def _publish_registry(self) -> None:
+        if self.repository is None or time.monotonic() - self._registry_at < REGISTRY_REFRESH_S:
+            return
+        self._registry_at = time.monotonic()
+        registry = self.repository.registry()
+        exists = self.store.client.exists(keys.REGISTRY)
+        if registry != self._registry or not exists:
+            publish_registry(self.store.client, registry)
+            self._registry = registry
+
+    # -- acting -----------------------------------------------------------------------------
+    def _due(self, worker: str, command: str, arg: str, now: float) -> bool:
+        key = (worker, command, arg)
+        if now - self._sent.get(key, -1e18) < RESEND_S:
+            return False
+        self._sent[key] = now
+        return True
+
+    def _control(self, command: str, worker: str, **arguments: Any) -> None:
+        self.app.control.broadcast(command, arguments=arguments, destination=[worker], reply=False)
+
+    def _apply(self, plan: Plan, view: FleetView, now: float, result: TickResult) -> None:
+        for name, wanted_keys in plan.assignments.items():
+            if name.startswith(NEW_WORKER_PREFIX):
+                continue
+            report = view.reports.get(name)
+            if report is None:
+                continue  # still starting: it was launched with its queues
+            wanted = {keys.queue_name(*k) for k in wanted_keys}
+            consumed = {q for q in report.get("queues", []) if q.startswith(keys.QUEUE_PREFIX)}
+            for queue in sorted(wanted - consumed):
+                if self._due(name, "add", queue, now):
+                    key = next(k for k in wanted_keys if keys.queue_name(*k) == queue)
+                    self._control("preload_model", name, model=key.name, version=key.version)
+                    self.app.control.add_consumer(
+                        queue, routing_key=queue, destination=[name], reply=False
+                    )
+            for queue in sorted(consumed - wanted):
+                if self._due(name, "cancel", queue, now):
+                    self.app.control.cancel_consumer(queue, destination=[name], reply=False)
+            busy = set(report.get("busy", {}))
+            for model in report.get("models", []):
+                key = ModelKey(model["name"], model["version"])
+                text = keys.model_key_text(*key)
+                if key in wanted_keys or keys.queue_name(*key) in consumed or text in busy:
+                    continue
+                if self._due(name, "unload", text, now):
+                    self._control("unload_model", name, model=key.name, version=key.version)
+                    rss = int(report.get("resources", {}).get("rss_bytes", 0))
+                    self._unloads[name] = (now, rss, int(model.get("bytes", 0)))
+        self._recycle(view, plan, now)
+        if self.backend.can_start:
+            for name, wanted_keys in plan.assignments.items():
+                if name.startswith(NEW_WORKER_PREFIX):
+                    record = self.backend.start(sorted(keys.queue_name(*k) for k in wanted_keys))
+                    if record is not None:
+                        result.started.append(record.hostname)
+            for name in plan.stop_workers:
+                record = view.fleet.get(name)
+                if record is not None and self._due(name, "stop", "", now):
+                    record.stopping = True
+                    self.store.fleet_add(record)
+                    self.backend.stop(record)
+                    result.stopped.append(name)
+
+    def _recycle(self, view: FleetView, plan: Plan, now: float) -> None:
+        """A worker whose RSS did not fall after a large unload is replaced."""
+        for name, (at, rss_before, size) in list(self._unloads.items()):
+            report = view.reports.get(name)
+            if report is None:
+                self._unloads.pop(name)
+                continue
+            if now - at < 3 * self.config.tick_interval_s:
+                continue
+            self._unloads.pop(name)
+            rss = int(report.get("resources", {}).get("rss_bytes", 0))
+            record = view.fleet.get(name)
+            if size >= RECYCLE_MIN_BYTES and rss > rss_before - size // 2 and record is not None:
+                plan.decisions.append(
+                    Decision(
+                        ModelKey("*", "*"), 1, 0, f"worker {name} recycled: memory not returned"
+                    )
+                )
+                self.backend.stop(record)
+
+    def _reap(self, view: FleetView, now: float) -> None:
+        """Forget fleet records of dead processes; stop workers that never reported."""
+        for name, record in list(view.fleet.items()):
+            reporting = name in view.reports
+            if reporting and not record.seen:
+                record.seen = True
+                self.store.fleet_add(record)
+            if not self.backend.alive(record):
+                self.store.fleet_remove(name)
+                view.fleet.pop(name)
+                view.snapshot.workers.pop(name, None)
+                logger.info("worker %s has exited", name)
+            elif not reporting and now - record.started_at > self.config.worker_start_timeout_s:
+                logger.warning("worker %s never reported; stopping it", name)
+                self.backend.stop(record)
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    def _record_popularity(self, view: FleetView, now: float) -> None:
+        counts: dict[ModelKey, float] = {}
+        for worker, report in view.reports.items():
+            for text, stats in report.get("batching", {}).items():
+                rows = int(stats.get("rows", 0))
+                before = self._rows.get((worker, text))
+                self._rows[(worker, text)] = rows
+                if before is not None and rows > before:
+                    counts[parse_key(text)] = counts.get(parse_key(text), 0.0) + rows - before
+        last = self._popularity_at
+        self._popularity_at = now
+        if last is None:
+            return
+        half_life_s = self.config.zero_scaling.learning_window_hours * 3600 / 8
+        decay = 0.5 ** ((now - last) / half_life_s)
+        if counts or decay < 0.999:
+            self.store.add_popularity(counts, decay)
+            self._popularity_at = now
+
+    def _status(
+        self, view: FleetView, plan: Plan, result: TickResult, now: float
+    ) -> dict[str, Any]:
+        snapshot = view.snapshot
+        return {
+            "time": now,
+            "leader": self.store.id,
+            "tick_ms": round(result.tick_ms, 3),
+            "desired": {keys.model_key_text(*k): n for k, n in plan.desired.items()},
+            "instances": {
+                keys.model_key_text(*k): snapshot.current(k)
+                for k in set(plan.desired)
+                | {k for w in snapshot.workers.values() for k in w.serving}
+            },
+            "queued": {keys.model_key_text(*k): n for k, n in snapshot.queued.items()},
+            "workers": {
+                name: {
+                    "serving": sorted(keys.model_key_text(*k) for k in w.serving),
+                    "loaded": sorted(keys.model_key_text(*k) for k in w.loaded),
+                    "managed": w.managed,
+                    "starting": w.starting,
+                }
+                for name, w in snapshot.workers.items()
+            },
+            "registered_versions": len(snapshot.models),
+            "started": result.started,
+            "stopped": result.stopped,
+        }

@@ -1,0 +1,295 @@
+"""The scaler's reads and writes in Redis: the snapshot, overrides, decisions, the lock.
+
+A snapshot takes two round trips whatever the fleet's size: one pipeline for the registry
+stamp, the worker list, overrides, popularity, load failures and every queue's depth
+(a Lua script sums each version's priority lists and returns only non-empty ones), and
+one for the worker reports (and the registry itself when it changed).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from common import keys
+from loader.cache import ModelKey
+from scaler.policy import Decision, Snapshot, WorkerInfo
+
+# ARGV: queue names. Returns a flat list: name, depth, ... for non-empty queues only.
+_DEPTHS = """
+local out = {}
+local sep = ARGV[1]
+local steps = cjson.decode(ARGV[2])
+for i = 3, #ARGV do
+  local q = ARGV[i]
+  local n = 0
+  for _, step in ipairs(steps) do
+    local list = q
+    if step ~= 0 then list = q .. sep .. step end
+    n = n + redis.call('LLEN', list)
+  end
+  if n > 0 then out[#out + 1] = q; out[#out + 1] = n end
+end
+return out
+"""
+
+# KEYS: leader key. ARGV: id, ttl ms. Take the lock, or renew it if it is ours.
+_LEADER = """
+local holder = redis.call('GET', KEYS[1])
+if holder == false then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+def parse_key(text: str) -> ModelKey:
+    name, _, version = text.partition("/")
+    return ModelKey(name, version)
+
+
+def queue_to_key(queue: str) -> ModelKey | None:
+    if not queue.startswith(keys.QUEUE_PREFIX):
+        return None
+    name, _, version = queue[len(keys.QUEUE_PREFIX) :].partition(".")
+    return ModelKey(name, version) if version else None
+
+
+@dataclass
+class FleetRecord:
+    """A worker process started by the local backend."""
+
+    hostname: str
+    pid: int
+    host: str
+    started_at: float
+    queues: list[str] = field(default_factory=list)
+    # Set once its first report was seen, and when the scaler asked it to stop: from then
+    # on the launch queues no longer say what it serves.
+    seen: bool = False
+    stopping: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> FleetRecord:
+        return cls(**json.loads(raw))
+
+
+@dataclass
+class FleetView:
+    """What a snapshot read: the policy's input plus what the actuators need."""
+
+    snapshot: Snapshot
+    reports: dict[str, dict[str, Any]]
+    fleet: dict[str, FleetRecord]
+    registry: dict[str, dict[str, Any]]
+
+
+class ScalerStore:
+    def __init__(self, client: redis.Redis, *, report_ttl_s: float = 5.0) -> None:
+        self.client = client
+        self.report_ttl_s = report_ttl_s
+        self._depths = client.register_script(_DEPTHS)
+        self._leader = client.register_script(_LEADER)
+        self._registry_stamp: bytes | None = None
+        self._registry: dict[str, dict[str, Any]] = {}
+        self._queues: list[str] = []
+        self._sizes: dict[ModelKey, int] = {}
+        self._overrides: dict[ModelKey, dict[str, float]] = {}
+        self.id = uuid.uuid4().hex
+
+    # -- leadership -------------------------------------------------------------------------
+    def lead(self, ttl_s: float) -> bool:
+        return bool(self._leader(keys=[keys.SCALER_LEADER], args=[self.id, int(ttl_s * 1000)]))
+
+    def resign(self) -> None:
+        pipe = self.client.pipeline()
+        pipe.watch(keys.SCALER_LEADER)
+        if pipe.get(keys.SCALER_LEADER) == self.id.encode():
+            pipe.multi()
+            pipe.delete(keys.SCALER_LEADER)
+            pipe.execute()
+        pipe.reset()
+
+    # -- snapshot ---------------------------------------------------------------------------
+    def read(self, now: float) -> FleetView:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(keys.REGISTRY_UPDATED)
+        pipe.zrangebyscore(keys.WORKERS, now - self.report_ttl_s, "+inf")
+        pipe.hgetall(keys.OVERRIDES)
+        pipe.hgetall(keys.POPULARITY)
+        pipe.hgetall(keys.LOAD_FAILURES)
+        pipe.hgetall(keys.FLEET)
+        self._depths(
+            keys=[],
+            args=[keys.PRIORITY_SEPARATOR, json.dumps(list(keys.PRIORITY_STEPS)), *self._queues],
+            client=pipe,
+        )
+        stamp, hostnames, overrides, popularity, failures, fleet_raw, depths = pipe.execute()
+
+        second = self.client.pipeline(transaction=False)
+        names = [h.decode() for h in hostnames]
+        if names:
+            second.mget([keys.worker_report_key(h) for h in names])
+        registry_changed = stamp != self._registry_stamp or not self._registry
+        if registry_changed:
+            second.hgetall(keys.REGISTRY)
+        results = second.execute() if (names or registry_changed) else []
+        reports_raw = results.pop(0) if names else []
+        if registry_changed:
+            self._load_registry(results.pop(0) if results else {}, stamp)
+            if self._queues:  # depths were read with the old queue list: read again
+                return self.read(now)
+
+        reports = {
+            name: json.loads(raw)
+            for name, raw in zip(names, reports_raw, strict=True)
+            if raw is not None
+        }
+        fleet = {h.decode(): FleetRecord.from_json(raw) for h, raw in fleet_raw.items()}
+        queued = {}
+        for i in range(0, len(depths), 2):
+            key = queue_to_key(depths[i].decode())
+            if key is not None:
+                queued[key] = int(depths[i + 1])
+        snapshot = Snapshot(
+            now=now,
+            models=dict(self._sizes),
+            queued=queued,
+            workers=self._workers(reports, fleet, now),
+            popularity={parse_key(k.decode()): float(v) for k, v in popularity.items()},
+            failures={
+                parse_key(k.decode()): float(json.loads(v)["time"]) for k, v in failures.items()
+            },
+            overrides=dict(self._overrides),
+            **self._manual(overrides),
+        )
+        return FleetView(snapshot=snapshot, reports=reports, fleet=fleet, registry=self._registry)
+
+    def _load_registry(self, raw: dict[bytes, bytes], stamp: bytes | None) -> None:
+        registry = {k.decode(): json.loads(v) for k, v in raw.items()}
+        sizes, overrides, queues = {}, {}, []
+        for name, entry in registry.items():
+            for version, info in entry["versions"].items():
+                key = ModelKey(name, version)
+                sizes[key] = int(info.get("bytes", 0))
+                if info.get("scaling"):
+                    overrides[key] = dict(info["scaling"])
+                queues.append(keys.queue_name(name, version))
+        self._registry, self._sizes, self._overrides, self._queues = (
+            registry,
+            sizes,
+            overrides,
+            queues,
+        )
+        self._registry_stamp = stamp
+
+    @staticmethod
+    def _manual(raw: dict[bytes, bytes]) -> dict[str, Any]:
+        pins, loads, unloads = {}, set(), {}
+        for k, v in raw.items():
+            key, record = parse_key(k.decode()), json.loads(v)
+            if "instances" in record:
+                pins[key] = int(record["instances"])
+            if record.get("load"):
+                loads.add(key)
+            if "unload_at" in record:
+                unloads[key] = float(record["unload_at"])
+        return {"pins": pins, "loads": frozenset(loads), "unloads": unloads}
+
+    def _workers(
+        self, reports: dict[str, dict[str, Any]], fleet: dict[str, FleetRecord], now: float
+    ) -> dict[str, WorkerInfo]:
+        workers = {}
+        for name, report in reports.items():
+            serving = {queue_to_key(q) for q in report.get("queues", [])}
+            workers[name] = WorkerInfo(
+                hostname=name,
+                serving=frozenset(k for k in serving if k is not None),
+                loaded=frozenset(
+                    ModelKey(m["name"], m["version"]) for m in report.get("models", [])
+                ),
+                busy=tuple((parse_key(k), int(n)) for k, n in report.get("busy", {}).items()),
+                capacity_bytes=int(report.get("capacity_bytes", 10 * 1024**3)),
+                max_models=int(report.get("max_models", 5)),
+                managed=name in fleet,
+            )
+        for name, record in fleet.items():
+            if name not in workers and not record.seen and not record.stopping:
+                serving = {queue_to_key(q) for q in record.queues}
+                workers[name] = WorkerInfo(
+                    hostname=name,
+                    serving=frozenset(k for k in serving if k is not None),
+                    managed=True,
+                    starting=True,
+                )
+        return workers
+
+    # -- writes -----------------------------------------------------------------------------
+    def record(
+        self, decisions: list[Decision], status: dict[str, Any], served: set[ModelKey]
+    ) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        now = status["time"]
+        for d in decisions:
+            pipe.lpush(keys.SCALER_DECISIONS, json.dumps({
+                "time": now, "model": d.model.name, "version": d.model.version,
+                "from": d.from_instances, "to": d.to_instances, "reason": d.reason,
+            }))  # fmt: skip
+        if decisions:
+            pipe.ltrim(keys.SCALER_DECISIONS, 0, 999)
+        pipe.set(keys.SCALER_STATUS, json.dumps(status), ex=30)
+        pipe.delete(keys.SERVED)
+        if served:
+            pipe.sadd(keys.SERVED, *(keys.model_key_text(*k) for k in served))
+        pipe.execute()
+
+    def add_popularity(self, counts: dict[ModelKey, float], decay: float) -> None:
+        """Scores decay by ``decay`` per call and grow by the requests seen since."""
+        current = self.client.hgetall(keys.POPULARITY)
+        scores = {parse_key(k.decode()): float(v) * decay for k, v in current.items()}
+        for key, n in counts.items():
+            scores[key] = scores.get(key, 0.0) + n
+        pipe = self.client.pipeline()
+        pipe.delete(keys.POPULARITY)
+        kept = {keys.model_key_text(*k): round(v, 4) for k, v in scores.items() if v >= 0.01}
+        if kept:
+            pipe.hset(keys.POPULARITY, mapping=kept)
+        pipe.execute()
+
+    def set_override(self, key: ModelKey, record: dict[str, Any] | None) -> None:
+        field_name = keys.model_key_text(*key)
+        if record is None:
+            self.client.hdel(keys.OVERRIDES, field_name)
+        else:
+            self.client.hset(keys.OVERRIDES, field_name, json.dumps(record))
+        self.client.publish(keys.SCALER_POKE, field_name)
+
+    def decisions(self, limit: int = 100) -> list[dict[str, Any]]:
+        return [json.loads(raw) for raw in self.client.lrange(keys.SCALER_DECISIONS, 0, limit - 1)]
+
+    def status(self) -> dict[str, Any] | None:
+        raw = self.client.get(keys.SCALER_STATUS)
+        return json.loads(raw) if raw else None
+
+    def fleet_add(self, record: FleetRecord) -> None:
+        self.client.hset(keys.FLEET, record.hostname, record.to_json())
+
+    def fleet_remove(self, hostname: str) -> None:
+        self.client.hdel(keys.FLEET, hostname)
+
+
+def wall_clock() -> float:
+    return time.time()
