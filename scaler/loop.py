@@ -126,11 +126,21 @@ class ScalerLoop:
             consumed = {q for q in report.get("queues", []) if q.startswith(keys.QUEUE_PREFIX)}
             for queue in sorted(wanted - consumed):
                 if self._due(name, "add", queue, now):
-                    key = next(k for k in wanted_keys if keys.queue_name(*k) == queue)
-                    self._control("preload_model", name, model=key.name, version=key.version)
                     self.app.control.add_consumer(
                         queue, routing_key=queue, destination=[name], reply=False
                     )
+            # Load what the worker serves but does not hold yet: a first request then finds
+            # the model warm, and a version loaded by hand is loaded now, not on first use.
+            held = {
+                (m["name"], m["version"])
+                for field in ("models", "loading", "failed_models")
+                for m in report.get(field, [])
+            }
+            for key in sorted(wanted_keys):
+                if (key.name, key.version) not in held and self._due(
+                    name, "preload", str(key), now
+                ):
+                    self._control("preload_model", name, model=key.name, version=key.version)
             for queue in sorted(consumed - wanted):
                 if self._due(name, "cancel", queue, now):
                     self.app.control.cancel_consumer(queue, destination=[name], reply=False)

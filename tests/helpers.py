@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -91,3 +92,78 @@ class WorkerProcess(processes.WorkerProcess):
 
     def log(self) -> str:
         return self.log_tail()
+
+
+class BeatProcess:
+    """A real ``celery -A workers beat`` subprocess: the scaler."""
+
+    def __init__(self, name: str, *, env: dict[str, str], log_dir: Path) -> None:
+        import subprocess
+        import sys
+
+        from common.redis import die_with_parent
+
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "workers",
+                "beat",
+                "--loglevel",
+                "INFO",
+                "-s",
+                str(log_dir / f"{name}-schedule"),
+            ],
+            cwd=ROOT,
+            env={**__import__("os").environ, "PYTHONPATH": str(ROOT), **env},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-8000:]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+
+
+def stop_fleet(client: redis.Redis, *, timeout_s: float = 30.0) -> None:
+    """Warm-stop every worker the local backend recorded, then kill what remains."""
+    import os
+    import signal
+
+    records = [json.loads(raw) for raw in client.hgetall(keys.FLEET).values()]
+    for record in records:
+        try:
+            os.kill(record["pid"], signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+    deadline = time.monotonic() + timeout_s
+    for record in records:
+        while time.monotonic() < deadline:
+            try:
+                os.kill(record["pid"], 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(record["pid"], signal.SIGKILL)
+    client.delete(keys.FLEET)
