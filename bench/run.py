@@ -9,6 +9,8 @@ import platform
 
 import torch
 
+import os
+
 from bench import serving
 from bench.common import QUICK, print_table, stack_env, temp_dir, write_results
 
@@ -27,6 +29,15 @@ def main() -> None:
             serving_rows,
         )
         rows += serving_rows
+        # The scaler runs in this process: point its settings at the stack, then import it.
+        os.environ.update(env)
+        from bench import scaling
+
+        scaling_rows = scaling.run(env, work / "repo")
+        print_table(
+            "Scaling (local backend; workers started as processes on this host)", scaling_rows
+        )
+        rows += scaling_rows
     write_results(rows)
     print("\nwrote bench/results/latest.json")
 

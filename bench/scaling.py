@@ -1,0 +1,192 @@
+"""Scaler benchmark: cold starts (with the warm standby and without) beside the model's own
+load time, reaction to a burst, and the tick time with 10,000 registered versions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+
+from bench.common import QUICK, Row
+from common import keys
+
+
+def _reports(client: redis.Redis) -> list[dict[str, Any]]:
+    names = [n.decode() for n in client.zrange(keys.WORKERS, 0, -1)]
+    raws = client.mget([keys.worker_report_key(n) for n in names]) if names else []
+    return [json.loads(r) for r in raws if r]
+
+
+def _wait(condition: Any, timeout_s: float = 120.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise TimeoutError("benchmark condition not met")
+
+
+def _load_time(client: redis.Redis, name: str) -> float:
+    times = [m["load_time_s"] for r in _reports(client) for m in r["models"] if m["name"] == name]
+    return max(times) if times else float("nan")
+
+
+async def _cold_starts(client: redis.Redis) -> list[Row]:
+    from scaler import Autoscaler, AutoscalerConfig, ColdStartStrategy, ZeroScalingConfig
+    from tasks import predict
+
+    rows: list[Row] = []
+    x = np.zeros((3, 64, 64), np.float32)
+    for strategy in (ColdStartStrategy.LAZY, ColdStartStrategy.HYBRID):
+        config = AutoscalerConfig(
+            tick_interval_s=0.25, max_workers=3, scale_down_stabilization_s=1.0,
+            zero_scaling=ZeroScalingConfig(scale_to_zero_delay=30.0, cold_start_strategy=strategy,
+                                           preload_popular_models=False),
+        )  # fmt: skip
+        autoscaler = Autoscaler(config)
+        await autoscaler.start()
+        try:
+            if strategy is ColdStartStrategy.HYBRID:
+                # Something served, so the standby exists: wait until it reports.
+                await autoscaler.predict("linear", [1.0] * 8)
+                await asyncio.to_thread(_wait, lambda: len(_reports(client)) >= 2)
+            started = time.monotonic()
+            await asyncio.to_thread(lambda: predict.delay("small_cnn", x).get(timeout=120))
+            cold = time.monotonic() - started
+            load = _load_time(client, "small_cnn")
+            label = (
+                "with the warm standby"
+                if strategy is ColdStartStrategy.HYBRID
+                else "no worker running"
+            )
+            rows.append(
+                Row.of(
+                    f"cold start small_cnn, {label}: first request to result",
+                    cold * 1000,
+                    "ms",
+                    load * 1000,
+                    "the model's own load time in the worker",
+                    higher_is_better=False,
+                )
+            )
+        finally:
+            await autoscaler.stop(stop_workers=True)
+        client.flushall()
+    return rows
+
+
+async def _burst(client: redis.Redis) -> list[Row]:
+    from scaler import Autoscaler, AutoscalerConfig, ColdStartStrategy, ZeroScalingConfig
+    from tasks import predict
+
+    config = AutoscalerConfig(
+        tick_interval_s=0.5, max_workers=3, target_load_per_instance=64,
+        zero_scaling=ZeroScalingConfig(scale_to_zero_delay=30.0, cold_start_strategy=ColdStartStrategy.HYBRID,
+                                       preload_popular_models=False),
+    )  # fmt: skip
+    autoscaler = Autoscaler(config)
+    await autoscaler.start()
+    try:
+        await autoscaler.predict("tiny_mlp", [0.0] * 64)
+        await asyncio.to_thread(_wait, lambda: len(_reports(client)) >= 2)  # the standby is up
+
+        def second_instance() -> bool:
+            holders = [
+                r
+                for r in _reports(client)
+                if any(m["name"] == "tiny_mlp" for m in r["models"])
+                and keys.queue_name("tiny_mlp", "v1") in r["queues"]
+            ]
+            return len(holders) >= 2
+
+        x = np.zeros(64, np.float32)
+        started = time.monotonic()
+        results = [predict.delay("tiny_mlp", x) for _ in range(2000)]
+        await asyncio.to_thread(_wait, second_instance)
+        reaction = time.monotonic() - started
+        await asyncio.to_thread(lambda: [r.get(timeout=120) for r in results])
+        load = _load_time(client, "tiny_mlp")
+    finally:
+        await autoscaler.stop(stop_workers=True)
+    client.flushall()
+    budget = config.tick_interval_s + load
+    return [
+        Row.of(
+            "burst of 2000: time until a second tiny_mlp instance serves",
+            reaction * 1000,
+            "ms",
+            budget * 1000,
+            "one tick plus the model's load time",
+            higher_is_better=False,
+        )
+    ]
+
+
+def _tick_time(client: redis.Redis) -> list[Row]:
+    from scaler.backends import StaticBackend
+    from scaler.config import AutoscalerConfig
+    from scaler.loop import ScalerLoop
+    from workers import app
+
+    client.flushall()
+    entry = {
+        "format": "state_dict",
+        "bytes": 1000,
+        "input": {"dtype": "float32", "shape": [8]},
+        "scaling": {},
+    }
+    registry = {f"m{i}": {"name": f"m{i}", "default_version": "v1", "traffic": {},
+                          "versions": {"v1": entry}} for i in range(10_000)}  # fmt: skip
+    from loader.registry import publish_registry
+
+    publish_registry(client, registry)
+    pipe = client.pipeline(transaction=False)
+    for i in range(200):
+        pipe.lpush(keys.queue_name(f"m{i}", "v1"), "x")
+    for w in range(8):  # eight workers, 25 active versions each
+        name = f"fake{w}@bench"
+        queues = [keys.queue_name(f"m{i}", "v1") for i in range(w * 25, (w + 1) * 25)]
+        pipe.set(keys.worker_report_key(name), json.dumps({
+            "hostname": name, "queues": queues, "models": [], "busy": {}, "max_models": 30,
+        }), ex=60)  # fmt: skip
+        pipe.zadd(keys.WORKERS, {name: time.time() + 3600})
+    pipe.execute()
+    loop = ScalerLoop(
+        AutoscalerConfig(backend="static", max_workers=8),
+        client=client,
+        app=app,
+        backend=StaticBackend(),
+    )
+    loop.tick()
+    times = []
+    for _ in range(10 if QUICK else 30):
+        started = time.perf_counter()
+        loop.tick()
+        times.append((time.perf_counter() - started) * 1000)
+    client.flushall()
+    return [
+        Row.of(
+            "scaler tick, 10,000 registered versions, 200 active (median)",
+            statistics.median(times),
+            "ms",
+            50.0,
+            "the 50 ms aim",
+            higher_is_better=False,
+        )
+    ]
+
+
+def run(env: dict[str, str], repo: Path) -> list[Row]:
+    client = redis.Redis.from_url(env["REDIS_URL"])
+    client.flushall()
+    rows = asyncio.run(_cold_starts(client))
+    rows += asyncio.run(_burst(client))
+    rows += _tick_time(client)
+    return rows
