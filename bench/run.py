@@ -5,11 +5,10 @@
 
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
-
-import os
 
 from bench import serving
 from bench.common import QUICK, print_table, stack_env, temp_dir, write_results

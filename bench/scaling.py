@@ -88,8 +88,11 @@ async def _burst(client: redis.Redis) -> list[Row]:
 
     config = AutoscalerConfig(
         tick_interval_s=0.5, max_workers=3, target_load_per_instance=64,
-        zero_scaling=ZeroScalingConfig(scale_to_zero_delay=30.0, cold_start_strategy=ColdStartStrategy.HYBRID,
-                                       preload_popular_models=False),
+        zero_scaling=ZeroScalingConfig(
+            scale_to_zero_delay=30.0,
+            cold_start_strategy=ColdStartStrategy.HYBRID,
+            preload_popular_models=False,
+        ),
     )  # fmt: skip
     autoscaler = Autoscaler(config)
     await autoscaler.start()

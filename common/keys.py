@@ -23,6 +23,12 @@ UNACKED_INDEX = "unacked_index"
 _NS = "inference:"
 # Hash: model name -> JSON registry entry (versions, default version, input schemas).
 REGISTRY = _NS + "registry"
+# Set: every registered version's queue name, so that the scaler's depth scan needs no
+# arguments.
+REGISTRY_QUEUES = _NS + "registry:queues"
+# Set: queues that were ever sent a request with a priority: only their priority sub-queues
+# are counted by the scaler (producers add to it once per queue and process).
+PRIORITY_QUEUES = _NS + "priority_queues"
 # String: when the registry was last published (epoch seconds).
 REGISTRY_UPDATED = _NS + "registry:updated"
 # String with a TTL: one worker's JSON report; it expires when the worker stops reporting.

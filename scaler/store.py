@@ -20,20 +20,25 @@ from common import keys
 from loader.cache import ModelKey
 from scaler.policy import Decision, Snapshot, WorkerInfo
 
-# ARGV: queue names. Returns a flat list: name, depth, ... for non-empty queues only.
+# KEYS: the registry's queue names, the queues that ever got a priority. ARGV: the priority
+# sub-queue suffixes. Returns a flat list: queue, depth, ... for non-empty queues only.
+# LLEN is cheap but a Lua call is not: the sub-queues are read only for queues that use
+# priorities (producers note those), which keeps a tick at 10,000 versions in budget.
 _DEPTHS = """
+local depth = {}
+for _, q in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local n = redis.call('LLEN', q)
+  if n > 0 then depth[q] = n end
+end
+for _, q in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  local n = depth[q] or 0
+  for i = 1, #ARGV do n = n + redis.call('LLEN', q .. ARGV[i]) end
+  if n > 0 then depth[q] = n end
+end
 local out = {}
-local sep = ARGV[1]
-local steps = cjson.decode(ARGV[2])
-for i = 3, #ARGV do
-  local q = ARGV[i]
-  local n = 0
-  for _, step in ipairs(steps) do
-    local list = q
-    if step ~= 0 then list = q .. sep .. step end
-    n = n + redis.call('LLEN', list)
-  end
-  if n > 0 then out[#out + 1] = q; out[#out + 1] = n end
+for q, n in pairs(depth) do
+  out[#out + 1] = q
+  out[#out + 1] = n
 end
 return out
 """
@@ -105,7 +110,6 @@ class ScalerStore:
         self._leader = client.register_script(_LEADER)
         self._registry_stamp: bytes | None = None
         self._registry: dict[str, dict[str, Any]] = {}
-        self._queues: list[str] = []
         self._sizes: dict[ModelKey, int] = {}
         self._overrides: dict[ModelKey, dict[str, float]] = {}
         self.id = uuid.uuid4().hex
@@ -132,11 +136,8 @@ class ScalerStore:
         pipe.hgetall(keys.POPULARITY)
         pipe.hgetall(keys.LOAD_FAILURES)
         pipe.hgetall(keys.FLEET)
-        self._depths(
-            keys=[],
-            args=[keys.PRIORITY_SEPARATOR, json.dumps(list(keys.PRIORITY_STEPS)), *self._queues],
-            client=pipe,
-        )
+        suffixes = [f"{keys.PRIORITY_SEPARATOR}{step}" for step in keys.PRIORITY_STEPS if step]
+        self._depths(keys=[keys.REGISTRY_QUEUES, keys.PRIORITY_QUEUES], args=suffixes, client=pipe)
         stamp, hostnames, overrides, popularity, failures, fleet_raw, depths = pipe.execute()
 
         second = self.client.pipeline(transaction=False)
@@ -150,8 +151,6 @@ class ScalerStore:
         reports_raw = results.pop(0) if names else []
         if registry_changed:
             self._load_registry(results.pop(0) if results else {}, stamp)
-            if self._queues:  # depths were read with the old queue list: read again
-                return self.read(now)
 
         reports = {
             name: json.loads(raw)
@@ -159,11 +158,11 @@ class ScalerStore:
             if raw is not None
         }
         fleet = {h.decode(): FleetRecord.from_json(raw) for h, raw in fleet_raw.items()}
-        queued = {}
+        queued: dict[ModelKey, int] = {}
         for i in range(0, len(depths), 2):
             key = queue_to_key(depths[i].decode())
             if key is not None:
-                queued[key] = int(depths[i + 1])
+                queued[key] = queued.get(key, 0) + int(depths[i + 1])
         snapshot = Snapshot(
             now=now,
             models=dict(self._sizes),
@@ -180,20 +179,14 @@ class ScalerStore:
 
     def _load_registry(self, raw: dict[bytes, bytes], stamp: bytes | None) -> None:
         registry = {k.decode(): json.loads(v) for k, v in raw.items()}
-        sizes, overrides, queues = {}, {}, []
+        sizes, overrides = {}, {}
         for name, entry in registry.items():
             for version, info in entry["versions"].items():
                 key = ModelKey(name, version)
                 sizes[key] = int(info.get("bytes", 0))
                 if info.get("scaling"):
                     overrides[key] = dict(info["scaling"])
-                queues.append(keys.queue_name(name, version))
-        self._registry, self._sizes, self._overrides, self._queues = (
-            registry,
-            sizes,
-            overrides,
-            queues,
-        )
+        self._registry, self._sizes, self._overrides = registry, sizes, overrides
         self._registry_stamp = stamp
 
     @staticmethod

@@ -14,6 +14,7 @@ from typing import Any
 
 from celery import Task
 
+from common import keys
 from common.errors import PayloadTooLargeError
 from common.settings import serving_settings
 from tasks import codec
@@ -37,6 +38,9 @@ class PredictTask(Task):  # type: ignore[misc]
                 f"inputs of {size} bytes exceed the limit of {limit} bytes (MAX_PAYLOAD_BYTES)"
             )
         options.setdefault("serializer", codec.choose_serializer(inputs))
+        # Model queues take the default exchange: nothing to declare on the way out, and
+        # kombu's per-publish declaration check costs more than the publish itself.
+        options.setdefault("declare", [])
         # Celery's default argsrepr prints the whole array: most of a publish's CPU time.
         model = args[0] if args else kwargs.get("model")
         options.setdefault("argsrepr", f"({model!r}, {codec.describe(inputs)})")
@@ -45,6 +49,8 @@ class PredictTask(Task):  # type: ignore[misc]
         version = kwargs.get("version")
         router = self.app.conf.task_routes[0] if self.app.conf.task_routes else None
         if version and isinstance(router, ModelRouter):
+            if options.get("priority"):
+                router.registry.note_priority(keys.queue_name(model, version))
             # After the publish, so that the woken scaler finds the request in the queue.
             router.registry.poke_if_unserved(model, version)
         return result

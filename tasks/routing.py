@@ -44,6 +44,7 @@ class RegistryView:
         self._served: set[str] = set()
         self._served_at = -1e9
         self._poked: dict[str, float] = {}
+        self._prioritised: set[str] = set()
 
     def _redis(self) -> redis.Redis:
         if self._client is None:
@@ -90,6 +91,12 @@ class RegistryView:
     def forget(self) -> None:
         with self._lock:
             self._entries.clear()
+
+    def note_priority(self, queue: str) -> None:
+        """Record once per process that ``queue`` gets prioritised requests."""
+        if queue not in self._prioritised:
+            self._redis().sadd(keys.PRIORITY_QUEUES, queue)
+            self._prioritised.add(queue)
 
     def poke_if_unserved(self, name: str, version: str) -> None:
         """Wake the scaler when this version has no instance (a cold start)."""

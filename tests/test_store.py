@@ -1,0 +1,55 @@
+"""The scaler's Redis store: queue depths over every priority list, the leader lock,
+manual overrides."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from loader.cache import ModelKey
+from loader.registry import publish_registry
+from loader.repository import ModelRepository
+from scaler.store import ScalerStore
+from tests.helpers import wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_depth_counts_every_priority_sub_queue(client: redis.Redis, test_repo: Path) -> None:
+    from tasks import predict
+
+    publish_registry(client, ModelRepository(test_repo).registry())
+    store = ScalerStore(client)
+    predict.apply_async(("linear", [1.0] * 8), kwargs={"version": "v1"})
+    predict.apply_async(("linear", [1.0] * 8), kwargs={"version": "v1"}, priority=6)
+    predict.apply_async(("linear", [1.0] * 8), kwargs={"version": "v2"}, priority=9)
+    queued = store.read(time.time()).snapshot.queued
+    assert queued == {ModelKey("linear", "v1"): 2, ModelKey("linear", "v2"): 1}
+
+
+def test_one_leader_until_its_lock_expires(client: redis.Redis) -> None:
+    first, second = ScalerStore(client), ScalerStore(client)
+    assert first.lead(0.5) and not second.lead(0.5)
+    assert first.lead(0.5)  # renewal
+    wait_for(lambda: second.lead(0.5), timeout_s=5, what="the lock to pass on")
+    assert not first.lead(0.5)
+    second.resign()
+    assert first.lead(0.5)
+
+
+def test_overrides_reach_the_snapshot(client: redis.Redis, test_repo: Path) -> None:
+    publish_registry(client, ModelRepository(test_repo).registry())
+    store = ScalerStore(client)
+    store.set_override(ModelKey("linear", "v1"), {"instances": 2})
+    store.set_override(ModelKey("linear", "v2"), {"load": True})
+    store.set_override(ModelKey("tiny_mlp", "v1"), {"unload_at": 5.0})
+    snapshot = store.read(time.time()).snapshot
+    assert snapshot.pins == {ModelKey("linear", "v1"): 2}
+    assert snapshot.loads == {ModelKey("linear", "v2")}
+    assert snapshot.unloads == {ModelKey("tiny_mlp", "v1"): 5.0}
+    assert snapshot.models[ModelKey("small_cnn", "v1")] > 1_000_000  # file size as estimate
+    store.set_override(ModelKey("linear", "v1"), None)
+    assert store.read(time.time()).snapshot.pins == {}
