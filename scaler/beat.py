@@ -94,7 +94,7 @@ class Waiter:
             time.sleep(max(0.0, deadline - time.monotonic()))
 
 
-class ScalerScheduler(beat.Scheduler):  # type: ignore[misc]
+class ScalerScheduler(beat.Scheduler):
     """``beat_scheduler``: every beat tick is a scaler tick."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

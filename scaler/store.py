@@ -252,12 +252,14 @@ class ScalerStore:
     def add_popularity(self, counts: dict[ModelKey, float], decay: float) -> None:
         """Scores decay by ``decay`` per call and grow by the requests seen since."""
         current = self.client.hgetall(keys.POPULARITY)
-        scores = {parse_key(k.decode()): float(v) * decay for k, v in current.items()}
+        scores = {parse_key(k.decode()): float(v) * decay for k, v in current.items()}  # type: ignore[union-attr]
         for key, n in counts.items():
             scores[key] = scores.get(key, 0.0) + n
         pipe = self.client.pipeline()
         pipe.delete(keys.POPULARITY)
-        kept = {keys.model_key_text(*k): round(v, 4) for k, v in scores.items() if v >= 0.01}
+        kept: dict[Any, Any] = {
+            keys.model_key_text(*k): round(v, 4) for k, v in scores.items() if v >= 0.01
+        }
         if kept:
             pipe.hset(keys.POPULARITY, mapping=kept)
         pipe.execute()

@@ -71,7 +71,7 @@ def _ext_hook(code: int, data: bytes) -> Any:
 
 
 def dumps(obj: Any) -> bytes:
-    return msgpack.packb(obj, default=_default, use_bin_type=True)  # type: ignore[no-any-return]
+    return msgpack.packb(obj, default=_default, use_bin_type=True)
 
 
 def loads(data: bytes | str) -> Any:

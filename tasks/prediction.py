@@ -22,7 +22,7 @@ from tasks.routing import PREDICT, PREDICT_BATCH, ModelRouter
 from workers import app
 
 
-class PredictTask(Task):  # type: ignore[misc]
+class PredictTask(Task):
     Strategy = "tasks.strategy:batching_strategy"
     acks_late = True
     reject_on_worker_lost = True

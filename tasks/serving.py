@@ -176,7 +176,7 @@ class Reporter:
                 self._registry = registry
 
 
-class ModelServing(bootsteps.StartStopStep):  # type: ignore[misc]
+class ModelServing(bootsteps.StartStopStep):
     """Worker bootstep: the model server, the completer and the reporter."""
 
     requires = ("celery.worker.components:Pool",)
@@ -236,10 +236,10 @@ class ModelServing(bootsteps.StartStopStep):  # type: ignore[misc]
 
 
 def _server(state: Any) -> ModelServer:
-    return state.consumer.controller.model_server  # type: ignore[no-any-return]
+    return state.consumer.controller.model_server
 
 
-@control_command(args=[("model", str), ("version", str)], signature="<model> [version]")  # type: ignore[misc]
+@control_command(args=[("model", str), ("version", str)], signature="<model> [version]")
 def preload_model(state: Any, model: str, version: str | None = None) -> dict[str, str]:
     """Start loading a model version into this worker's cache."""
     server = _server(state)
@@ -250,7 +250,7 @@ def preload_model(state: Any, model: str, version: str | None = None) -> dict[st
     return {"ok": f"{key} {server.cache.preload(key).value}"}
 
 
-@control_command(args=[("model", str), ("version", str)], signature="<model> [version]")  # type: ignore[misc]
+@control_command(args=[("model", str), ("version", str)], signature="<model> [version]")
 def unload_model(state: Any, model: str, version: str | None = None) -> dict[str, str]:
     """Drop a model version from this worker's cache (after its running batch)."""
     server = _server(state)
@@ -262,7 +262,7 @@ def unload_model(state: Any, model: str, version: str | None = None) -> dict[str
     return {"ok": f"{key} unloaded"} if dropped else {"error": f"{key} is not cached"}
 
 
-@inspect_command()  # type: ignore[misc]
+@inspect_command()
 def cached_models(state: Any) -> dict[str, Any]:
     """The models this worker holds, is loading, or failed to load."""
     return _server(state).cache.describe()

@@ -47,7 +47,7 @@ return items
 """
 
 
-class QoS(kombu_redis.QoS):  # type: ignore[misc]
+class QoS(kombu_redis.QoS):
     def append(self, message: Any, delivery_tag: str) -> None:
         recorded = self.channel._recorded_tags
         if delivery_tag in recorded:
@@ -58,7 +58,7 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]
         super().append(message, delivery_tag)
 
 
-class Channel(kombu_redis.Channel):  # type: ignore[misc]
+class Channel(kombu_redis.Channel):
     QoS = QoS
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -78,7 +78,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
 
     def _brpop_read(self, **options: Any) -> bool:
         if self.global_keyprefix or not self.ack_emulation:
-            return super()._brpop_read(**options)  # type: ignore[no-any-return]
+            return super()._brpop_read(**options)
         try:
             try:
                 reply = self.client.parse_response(self.client.connection, "BRPOP", **options)
@@ -99,7 +99,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
                 self.connection._deliver(payload, queue)
             return True
         finally:
-            self._in_poll = None
+            self._in_poll = None  # type: ignore[assignment]
             self._flush_brpop_reauth()
 
     def _fetch(self, key: str, first: str, extra: int) -> list[Any]:
@@ -109,5 +109,5 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         return list(self._fetch_script(keys=keys, args=[extra, time.time(), first]))
 
 
-class Transport(kombu_redis.Transport):  # type: ignore[misc]
+class Transport(kombu_redis.Transport):
     Channel = Channel

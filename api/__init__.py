@@ -1,0 +1,1 @@
+"""The HTTP API (SEED.md's endpoints); not in this version yet."""
