@@ -74,13 +74,13 @@ def stack_env(repo: Path) -> Iterator[dict[str, str]]:
             server.__exit__(None, None, None)
 
 
-def wait_for(condition: Callable[[], Any], timeout_s: float = 60.0) -> Any:
+def wait_for(condition: Callable[[], Any], timeout_s: float = 120.0) -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
-        time.sleep(0.05)
+        time.sleep(0.01)
     raise TimeoutError("benchmark set-up timed out")
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import redis
 
-from bench.common import QUICK, Row
+from bench.common import QUICK, Row, wait_for
 from common import keys
 
 
@@ -23,19 +23,15 @@ def _reports(client: redis.Redis) -> list[dict[str, Any]]:
     return [json.loads(r) for r in raws if r]
 
 
-def _wait(condition: Any, timeout_s: float = 120.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise TimeoutError("benchmark condition not met")
-
-
 def _load_time(client: redis.Redis, name: str) -> float:
-    times = [m["load_time_s"] for r in _reports(client) for m in r["models"] if m["name"] == name]
-    return max(times) if times else float("nan")
+    """The model's load time as the worker that loaded it reports it (waits for the report)."""
+
+    def reported() -> list[float]:
+        return [
+            m["load_time_s"] for r in _reports(client) for m in r["models"] if m["name"] == name
+        ]
+
+    return max(wait_for(reported, timeout_s=10))
 
 
 async def _cold_starts(client: redis.Redis) -> list[Row]:
@@ -56,11 +52,11 @@ async def _cold_starts(client: redis.Redis) -> list[Row]:
             if strategy is ColdStartStrategy.HYBRID:
                 # Something served, so the standby exists: wait until it reports.
                 await autoscaler.predict("linear", [1.0] * 8)
-                await asyncio.to_thread(_wait, lambda: len(_reports(client)) >= 2)
+                await asyncio.to_thread(wait_for, lambda: len(_reports(client)) >= 2)
             started = time.monotonic()
             await asyncio.to_thread(lambda: predict.delay("small_cnn", x).get(timeout=120))
             cold = time.monotonic() - started
-            load = _load_time(client, "small_cnn")
+            load = await asyncio.to_thread(_load_time, client, "small_cnn")
             label = (
                 "with the warm standby"
                 if strategy is ColdStartStrategy.HYBRID
@@ -98,7 +94,7 @@ async def _burst(client: redis.Redis) -> list[Row]:
     await autoscaler.start()
     try:
         await autoscaler.predict("tiny_mlp", [0.0] * 64)
-        await asyncio.to_thread(_wait, lambda: len(_reports(client)) >= 2)  # the standby is up
+        await asyncio.to_thread(wait_for, lambda: len(_reports(client)) >= 2)  # the standby is up
 
         def second_instance() -> bool:
             holders = [
@@ -112,10 +108,10 @@ async def _burst(client: redis.Redis) -> list[Row]:
         x = np.zeros(64, np.float32)
         started = time.monotonic()
         results = [predict.delay("tiny_mlp", x) for _ in range(2000)]
-        await asyncio.to_thread(_wait, second_instance)
+        await asyncio.to_thread(wait_for, second_instance)
         reaction = time.monotonic() - started
         await asyncio.to_thread(lambda: [r.get(timeout=120) for r in results])
-        load = _load_time(client, "tiny_mlp")
+        load = await asyncio.to_thread(_load_time, client, "tiny_mlp")
     finally:
         await autoscaler.stop(stop_workers=True)
     client.flushall()

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Protocol
 
 from common import keys
+from monitoring.resources import gpu_count
 from scaler.processes import PROJECT_ROOT
 from scaler.store import FleetRecord, ScalerStore
 
@@ -79,6 +80,7 @@ class LocalBackend:
         env: dict[str, str] | None = None,
         log_dir: Path | None = None,
         orphan_exit_s: float = 30.0,
+        gpus: int | None = None,
     ) -> None:
         self.store = store
         self.env = dict(env or {})
@@ -86,8 +88,35 @@ class LocalBackend:
         self.orphan_exit_s = orphan_exit_s
         self.host = socket.gethostname()
         self._children: dict[int, subprocess.Popen[bytes]] = {}
+        # One worker per GPU, pinned to it; none: CPU workers, as many as the scaler wants.
+        self.gpus = gpu_count() if gpus is None else gpus
 
-    def start(self, queues: list[str]) -> FleetRecord:
+    def free_gpu(self) -> int | None:
+        """The lowest GPU index no live worker of this host is pinned to."""
+        taken = {
+            r.gpu
+            for r in (
+                FleetRecord.from_json(raw) for raw in self.store.client.hgetall(keys.FLEET).values()
+            )
+            if r.host == self.host and r.gpu is not None and self.alive(r)
+        }
+        return next((i for i in range(self.gpus) if i not in taken), None)
+
+    @staticmethod
+    def gpu_env(index: int) -> dict[str, str]:
+        return {
+            "CUDA_VISIBLE_DEVICES": str(index),
+            "WORKER_DEVICE": "cuda:0",
+            "WORKER_NVML_INDEX": str(index),
+        }
+
+    def start(self, queues: list[str]) -> FleetRecord | None:
+        gpu = None
+        if self.gpus:
+            gpu = self.free_gpu()
+            if gpu is None:
+                logger.warning("every GPU of %s has its worker: not starting another", self.host)
+                return None
         hostname = f"scaled-{uuid.uuid4().hex[:8]}@{self.host}"
         # A worker with no model yet consumes only a queue of its own: it is the standby.
         own = f"worker.{hostname.split('@')[0]}"
@@ -100,6 +129,7 @@ class LocalBackend:
             **os.environ,
             **self.env,
             "WORKER_ORPHAN_EXIT_S": str(self.orphan_exit_s),
+            **(self.gpu_env(gpu) if gpu is not None else {}),
             "PYTHONPATH": os.pathsep.join(
                 p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p
             ),
@@ -125,7 +155,13 @@ class LocalBackend:
             queues=list(queues),
         )
         self.store.fleet_add(record)
-        logger.info("started worker %s (pid %d) for %s", hostname, proc.pid, queues or "standby")
+        logger.info(
+            "started worker %s (pid %d%s) for %s",
+            hostname,
+            proc.pid,
+            f", GPU {gpu}" if gpu is not None else "",
+            queues or "standby",
+        )
         return record
 
     def stop(self, record: FleetRecord) -> None:

@@ -69,6 +69,11 @@ def build_loop(app: Any, config: AutoscalerConfig | None = None) -> ScalerLoop:
     if isinstance(loop.backend, LocalBackend):
         loop.backend.env.update(worker_env(config))
         loop.backend.log_dir = scaler_settings().log_dir
+        if loop.backend.gpus:
+            # One worker per GPU: the fleet is as large as the GPUs are many.
+            loop.config = config.model_copy(
+                update={"max_workers": min(config.max_workers, loop.backend.gpus)}
+            )
     return loop
 
 

@@ -61,6 +61,7 @@ class ScalerLoop:
         self._registry: dict[str, Any] | None = None
         self._popularity_at: float | None = None
         self._unloads: dict[str, tuple[float, int, int]] = {}  # worker -> (time, rss, bytes)
+        self._cold_since: dict[ModelKey, float] = {}
         self.last: TickResult | None = None
 
     # -- the tick ---------------------------------------------------------------------------
@@ -75,6 +76,7 @@ class ScalerLoop:
         self._reap(view, now)
         plan, self.state = decide(view.snapshot, self.config, self.state)
         result = TickResult(leader=True, plan=plan)
+        self._watch_cold_starts(view, plan, now)
         self._apply(plan, view, now, result)
         self._record_popularity(view, now)
         result.tick_ms = (time.perf_counter() - started) * 1000
@@ -168,6 +170,24 @@ class ScalerLoop:
                     self.store.fleet_add(record)
                     self.backend.stop(record)
                     result.stopped.append(name)
+
+    def _watch_cold_starts(self, view: FleetView, plan: Plan, now: float) -> None:
+        """Record a version whose requests wait past ``cold_start_timeout`` with no loaded
+        instance (a stuck load, no room for a worker): once, as a decision."""
+        snapshot = view.snapshot
+        limit = self.config.zero_scaling.cold_start_timeout
+        for key in set(snapshot.queued) | set(self._cold_since):
+            warm = any(key in w.loaded and key in w.serving for w in snapshot.workers.values())
+            if warm or snapshot.load(key) == 0:
+                self._cold_since.pop(key, None)
+                continue
+            since = self._cold_since.setdefault(key, now)
+            if since >= 0 and now - since > limit:
+                n = plan.desired.get(key, 0)
+                plan.decisions.append(
+                    Decision(key, n, n, f"cold start exceeded cold_start_timeout ({limit:g} s)")
+                )
+                self._cold_since[key] = -1.0  # reported; reset when it turns warm
 
     def _recycle(self, view: FleetView, plan: Plan, now: float) -> None:
         """A worker whose RSS did not fall after a large unload is replaced."""

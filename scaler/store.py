@@ -83,6 +83,7 @@ class FleetRecord:
     # on the launch queues no longer say what it serves.
     seen: bool = False
     stopping: bool = False
+    gpu: int | None = None  # the GPU it is pinned to (CUDA_VISIBLE_DEVICES)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)

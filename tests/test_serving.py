@@ -362,3 +362,42 @@ def test_worker_report_describes_the_worker(worker: WorkerProcess, rclient: redi
     assert report["served"] >= 1 and report["resources"]["rss_bytes"] > 0
     ttl = rclient.ttl(keys.worker_report_key(worker.hostname))
     assert 0 < ttl <= 3
+
+
+def test_task_events_reach_monitors_like_flower(worker: WorkerProcess) -> None:
+    import threading
+
+    from workers import app
+
+    events: list[dict[str, Any]] = []
+    ready = threading.Event()
+
+    def capture() -> None:
+        with app.connection_for_read() as conn:
+            receiver = app.events.Receiver(conn, handlers={"*": events.append})
+            ready.set()
+            receiver.should_stop = False
+            thread_state["receiver"] = receiver
+            receiver.capture(limit=None, timeout=None, wakeup=False)
+
+    thread_state: dict[str, Any] = {}
+    thread = threading.Thread(target=capture, daemon=True)
+    thread.start()
+    ready.wait(10)
+    app.control.enable_events(destination=[worker.hostname])  # what Flower does
+    try:
+        from tasks import predict
+
+        def delivered() -> set[str] | None:
+            result = predict.delay("linear", [1.0] * 8)
+            result.get(timeout=30)
+            kinds = {e["type"] for e in events if e.get("uuid") == result.id}
+            return kinds if {"task-received", "task-succeeded"} <= kinds else None
+
+        assert wait_for(delivered, timeout_s=30, what="task events for a prediction")
+    finally:
+        app.control.disable_events(destination=[worker.hostname])
+        receiver = thread_state.get("receiver")
+        if receiver is not None:
+            receiver.should_stop = True
+        thread.join(10)

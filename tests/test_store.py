@@ -53,3 +53,72 @@ def test_overrides_reach_the_snapshot(client: redis.Redis, test_repo: Path) -> N
     assert snapshot.models[ModelKey("small_cnn", "v1")] > 1_000_000  # file size as estimate
     store.set_override(ModelKey("linear", "v1"), None)
     assert store.read(time.time()).snapshot.pins == {}
+
+
+def test_the_local_backend_pins_one_worker_per_gpu(client: redis.Redis) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from scaler.backends import LocalBackend
+    from scaler.store import FleetRecord
+
+    store = ScalerStore(client)
+    backend = LocalBackend(store, gpus=2)
+    assert backend.free_gpu() == 0
+    hostname = f"scaled-fake@{socket.gethostname()}"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", hostname])
+    try:
+        store.fleet_add(
+            FleetRecord(
+                hostname=hostname,
+                pid=holder.pid,
+                host=socket.gethostname(),
+                started_at=time.time(),
+                gpu=0,
+            )
+        )
+        assert backend.free_gpu() == 1
+        store.fleet_add(
+            FleetRecord(
+                hostname=hostname + "2",
+                pid=holder.pid,
+                host=socket.gethostname(),
+                started_at=time.time(),
+                gpu=1,
+            )
+        )
+        assert backend.free_gpu() == 1  # that record's process is not running: GPU 1 is free
+        assert backend.gpu_env(1) == {
+            "CUDA_VISIBLE_DEVICES": "1",
+            "WORKER_DEVICE": "cuda:0",
+            "WORKER_NVML_INDEX": "1",
+        }
+    finally:
+        holder.kill()
+        holder.wait()
+    assert backend.free_gpu() == 0  # its worker is gone: the GPU is free again
+    assert LocalBackend(store, gpus=0).free_gpu() is None
+
+
+def test_a_cold_start_past_its_timeout_is_recorded_once(
+    client: redis.Redis, test_repo: Path
+) -> None:
+    from common import keys
+    from scaler.backends import StaticBackend
+    from scaler.config import AutoscalerConfig, ZeroScalingConfig
+    from scaler.loop import ScalerLoop
+    from workers import app
+
+    publish_registry(client, ModelRepository(test_repo).registry())
+    client.lpush(keys.queue_name("linear", "v1"), "waiting")
+    config = AutoscalerConfig(
+        backend="static", zero_scaling=ZeroScalingConfig(cold_start_timeout=5.0)
+    )
+    loop = ScalerLoop(config, client=client, app=app, backend=StaticBackend())
+    now = time.time()
+    for t in (now, now + 3, now + 6, now + 9):
+        loop.tick(t)
+    reasons = [json_reason["reason"] for json_reason in loop.store.decisions()]
+    assert reasons.count("cold start exceeded cold_start_timeout (5 s)") == 1
+    assert any(r.startswith("cold start: 1 requests waiting") for r in reasons)
