@@ -14,10 +14,9 @@ PRIORITY_SEPARATOR = "\x06\x16"
 # Kombu's priority steps for the Redis transport: one list per step, lowest value served first.
 PRIORITY_STEPS = (0, 3, 6, 9)
 
-# Kombu's hash of delivered-but-unacknowledged messages (tag -> message) and its index
-# (tag -> delivery time); a message whose time is older than the visibility timeout is
-# restored to its queue, so live workers push their messages' times forward.
-UNACKED_HASH = "unacked"
+# Kombu's index of delivered-but-unacknowledged messages (tag -> delivery time); a message
+# whose time is older than the visibility timeout is restored to its queue, so live
+# workers push their messages' times forward.
 UNACKED_INDEX = "unacked_index"
 
 _NS = "inference:"
@@ -42,11 +41,6 @@ LOAD_FAILURES = _NS + "load_failures"
 def queue_name(name: str, version: str) -> str:
     """The shared queue of one model version."""
     return f"{QUEUE_PREFIX}{name}.{version}"
-
-
-def priority_queue_keys(queue: str) -> list[str]:
-    """The Redis lists kombu keeps for one queue, highest priority first."""
-    return [queue if step == 0 else f"{queue}{PRIORITY_SEPARATOR}{step}" for step in PRIORITY_STEPS]
 
 
 def worker_report_key(hostname: str) -> str:

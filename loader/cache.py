@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -68,7 +68,6 @@ class CachedModel:
     # Phase deadline: loading, then warming up.
     deadline: float = 0.0
     phase: str = "load"
-    generation: int = field(default=0)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -104,7 +103,6 @@ class ModelCache:
         self._lock = threading.Lock()
         self._entries: OrderedDict[ModelKey, CachedModel] = OrderedDict()
         self._pool = ThreadPoolExecutor(concurrent_loads, thread_name_prefix="model-load")
-        self._generation = 0
         self.loads = 0
         self.load_failures = 0
         self.evictions = 0
@@ -166,13 +164,11 @@ class ModelCache:
         return self.status(key).state
 
     def _start_load(self, key: ModelKey, now: float) -> CachedModel:
-        self._generation += 1
         entry = CachedModel(
             key=key,
             state=ModelState.LOADING,
             started=now,
             deadline=now + self.load_timeout_s,
-            generation=self._generation,
             file_mtime_ns=self._file_mtime(key),
         )
         self._entries[key] = entry

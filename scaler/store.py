@@ -9,7 +9,6 @@ one for the worker reports (and the registry itself when it changed).
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -285,7 +284,3 @@ class ScalerStore:
 
     def fleet_remove(self, hostname: str) -> None:
         self.client.hdel(keys.FLEET, hostname)
-
-
-def wall_clock() -> float:
-    return time.time()

@@ -153,3 +153,14 @@ def test_a_failing_batch_is_retried_one_by_one(batcher: Any) -> None:
     assert isinstance(outcomes[2].error, ModelExecutionError)
     assert [outcomes[i].value[0] for i in (0, 1, 3)] == [1.0, 2.0, 4.0]
     assert outcomes["batch"].value.shape == (2, 4)
+
+
+def test_calling_the_task_directly_runs_in_this_process(example_repo: Path) -> None:
+    from common.errors import SchemaError as Schema
+    from tasks import predict, predict_batch
+
+    out = predict("linear", [1.0] * 8)  # no broker, no worker: the model runs here
+    assert isinstance(out, list) and len(out) == 4
+    assert predict_batch("linear", np.ones((2, 8), np.float32), version="v2").shape == (2, 4)
+    with pytest.raises(Schema, match=r"float32\[8\]"):
+        predict("linear", [1.0] * 3)
