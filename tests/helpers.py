@@ -64,6 +64,20 @@ def write_state_dict_model(
     return folder
 
 
+def write_slow_recorder(repo: Path, log: Path, *, delay_s: float) -> str:
+    """``slow/v1``: doubles its input, sleeps ``delay_s`` per batch of at most 4 and logs
+    every row it runs to ``log``. Returns its queue."""
+    write_state_dict_model(
+        repo,
+        "slow",
+        "v1",
+        factory="recorder",
+        factory_kwargs={"delay_s": delay_s, "log_path": str(log)},
+        batching={"max_batch_size": 4},
+    )
+    return keys.queue_name("slow", "v1")
+
+
 class WorkerProcess(processes.WorkerProcess):
     """A real ``celery -A workers worker`` subprocess, with test conveniences."""
 

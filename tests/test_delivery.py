@@ -14,23 +14,11 @@ import redis
 
 from common import keys
 from common.redis import EmbeddedRedis
-from tests.helpers import wait_for, write_state_dict_model
+from tests.helpers import wait_for, write_slow_recorder
 
 pytestmark = pytest.mark.timeout(180)
 
 N_REQUESTS = 40
-
-
-def slow_recorder(repo: Path, log: Path) -> str:
-    write_state_dict_model(
-        repo,
-        "slow",
-        "v1",
-        factory="recorder",
-        factory_kwargs={"delay_s": 0.15, "log_path": str(log)},
-        batching={"max_batch_size": 4},
-    )
-    return keys.queue_name("slow", "v1")
 
 
 def executions(log: Path) -> collections.Counter[int]:
@@ -51,14 +39,22 @@ def collect(results: list[Any]) -> dict[int, float]:
     return {i: float(r.get(timeout=90)[0]) for i, r in enumerate(results, start=1)}
 
 
+def busy_worker(
+    start_worker: Any, repo: Path, log: Path, *, rows_done: int
+) -> tuple[Any, str, list[Any]]:
+    """A worker on the slow model with requests queued, once ``rows_done`` rows have run."""
+    queue = write_slow_recorder(repo, log, delay_s=0.15)
+    worker = start_worker("first", queues=[queue], repo=repo)
+    results = send(N_REQUESTS)
+    wait_for(lambda: sum(executions(log).values()) >= rows_done, what="the first batches to run")
+    return worker, queue, results
+
+
 def test_sigkill_mid_batch_loses_nothing(
     start_worker: Any, test_repo: Path, tmp_path: Path, client: redis.Redis
 ) -> None:
     log = tmp_path / "slow.log"
-    queue = slow_recorder(test_repo, log)
-    first = start_worker("first", queues=[queue], repo=test_repo)
-    results = send(N_REQUESTS)
-    wait_for(lambda: sum(executions(log).values()) >= 8, what="the first batches to run")
+    first, queue, results = busy_worker(start_worker, test_repo, log, rows_done=8)
     held = client.zcard(keys.UNACKED_INDEX)
     first.kill()
     done_before_kill = sum(executions(log).values())
@@ -85,10 +81,7 @@ def test_warm_shutdown_finishes_or_returns_its_requests(
     start_worker: Any, test_repo: Path, tmp_path: Path, client: redis.Redis
 ) -> None:
     log = tmp_path / "slow.log"
-    queue = slow_recorder(test_repo, log)
-    first = start_worker("first", queues=[queue], repo=test_repo)
-    results = send(N_REQUESTS)
-    wait_for(lambda: sum(executions(log).values()) >= 4, what="the first batch to run")
+    first, queue, results = busy_worker(start_worker, test_repo, log, rows_done=4)
     assert first.stop(timeout_s=60) == 0
     start_worker("second", queues=[queue], repo=test_repo)
     assert collect(results) == {i: 2.0 * i for i in range(1, N_REQUESTS + 1)}

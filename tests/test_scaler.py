@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from common import keys
-from tests.helpers import BeatProcess, stop_fleet, wait_for, write_state_dict_model
+from tests.helpers import BeatProcess, stop_fleet, wait_for, write_slow_recorder
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -172,14 +172,7 @@ def test_scale_down_with_requests_in_flight_loses_none(
     from tasks import predict
 
     log = tmp_path / "slow.log"
-    write_state_dict_model(
-        test_repo,
-        "slow",
-        "v1",
-        factory="recorder",
-        factory_kwargs={"delay_s": 0.05, "log_path": str(log)},
-        batching={"max_batch_size": 4},
-    )
+    write_slow_recorder(test_repo, log, delay_s=0.05)
     scaler("downsizer")
     api = Autoscaler(run_scaler=False)
     wait_for(lambda: client.hexists(keys.REGISTRY, "slow"), what="slow in the registry")
