@@ -81,6 +81,9 @@ class Snapshot:
 class VersionState:
     last_active: float
     recommendations: deque[tuple[float, int]] = field(default_factory=deque)
+    # The target of the last tick: a change is announced once, not on every tick that the
+    # fleet takes to converge.
+    target: int | None = None
 
 
 @dataclass
@@ -131,11 +134,12 @@ def decide(
             key, snapshot, config, vstate, current, started_at
         )
         target, reason = _stabilize(vstate, config, now, current, target, reason, immediate)
-        versions[key] = vstate
         if target > 0 or current > 0:
             desired[key] = target
-        if target != current:
+        if target != current and target != vstate.target:
             decisions.append(Decision(key, current, target, reason))
+        vstate.target = target
+        versions[key] = vstate
         forgettable = target == 0 and current == 0 and snapshot.load(key) == 0
         if forgettable and now - vstate.last_active > config.scale_down_stabilization_s:
             versions.pop(key, None)  # nothing to remember about a version idle at zero
