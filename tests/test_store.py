@@ -122,3 +122,52 @@ def test_a_cold_start_past_its_timeout_is_recorded_once(
     reasons = [json_reason["reason"] for json_reason in loop.store.decisions()]
     assert reasons.count("cold start exceeded cold_start_timeout (5 s)") == 1
     assert any(r.startswith("cold start: 1 requests waiting") for r in reasons)
+
+
+class _RecordingBackend:
+    can_start = False
+
+    def __init__(self) -> None:
+        self.stopped: list[str] = []
+
+    def start(self, queues: list[str]) -> None:
+        return None
+
+    def stop(self, record: object) -> None:
+        self.stopped.append(record.hostname)  # type: ignore[attr-defined]
+
+    def alive(self, record: object) -> bool:
+        return True
+
+
+def test_a_worker_that_keeps_its_memory_after_an_unload_is_recycled(client: redis.Redis) -> None:
+    import json
+
+    from common import keys
+    from scaler.config import AutoscalerConfig
+    from scaler.loop import RECYCLE_MIN_BYTES, ScalerLoop
+    from scaler.store import FleetRecord
+    from workers import app
+
+    backend = _RecordingBackend()
+    loop = ScalerLoop(AutoscalerConfig(backend="static"), client=client, app=app, backend=backend)
+    size = 2 * RECYCLE_MIN_BYTES
+
+    def report(name: str, rss: int, models: list[dict[str, object]]) -> None:
+        client.set(keys.worker_report_key(name), json.dumps({
+            "hostname": name, "queues": [], "models": models, "busy": {},
+            "resources": {"rss_bytes": rss},
+        }))  # fmt: skip
+        client.zadd(keys.WORKERS, {name: time.time() + 60})
+
+    big = [{"name": "linear", "version": "v1", "bytes": size, "load_time_s": 1.0}]
+    for name in ("kept", "freed"):
+        loop.store.fleet_add(FleetRecord(hostname=name, pid=1, host="h", started_at=0.0, seen=True))
+        report(name, 10 * size, big)
+    now = time.time()
+    loop.tick(now)  # nobody wants linear/v1: both are told to unload it
+    report("kept", 10 * size, [])  # RSS did not move
+    report("freed", 9 * size, [])  # RSS fell by the model's size
+    loop.tick(now + 5)
+    assert backend.stopped == ["kept"]
+    assert any("recycled: memory not returned" in d["reason"] for d in loop.store.decisions())
