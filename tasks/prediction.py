@@ -18,6 +18,7 @@ from common import keys
 from common.errors import PayloadTooLargeError
 from common.settings import serving_settings
 from tasks import codec
+from tasks.publish import fast_path_allowed, publish
 from tasks.routing import PREDICT, PREDICT_BATCH, ModelRouter
 from workers import app
 
@@ -45,9 +46,14 @@ class PredictTask(Task):
         model = args[0] if args else kwargs.get("model")
         options.setdefault("argsrepr", f"({model!r}, {codec.describe(inputs)})")
         options.setdefault("kwargsrepr", repr({k: v for k, v in kwargs.items() if k != "inputs"}))
-        result = super().apply_async(args, kwargs, *rest, **options)
-        version = kwargs.get("version")
         router = self.app.conf.task_routes[0] if self.app.conf.task_routes else None
+        if not rest and isinstance(router, ModelRouter) and fast_path_allowed(self.app, options):
+            route = router(self.name, args, kwargs, options)
+            assert route is not None
+            result = publish(self, route["queue"].name, args, kwargs, options)
+        else:
+            result = super().apply_async(args, kwargs, *rest, **options)
+        version = kwargs.get("version")
         if version and isinstance(router, ModelRouter):
             if options.get("priority"):
                 router.registry.note_priority(keys.queue_name(model, version))
