@@ -224,11 +224,14 @@ def batching_strategy(task: Any, app: Any, consumer: Any, **_: Any) -> Callable[
                     f"use one of {sorted(accept)}"
                 ),
             )
-        request = Request(
-            message, on_ack=ack, on_reject=reject, app=app, hostname=hostname,
-            eventer=eventer, task=task, connection_errors=connection_errors,
-            body=message.body, headers=message.headers, decoded=False, utc=True,
-        )  # fmt: skip
+        try:
+            request = Request(
+                message, on_ack=ack, on_reject=reject, app=app, hostname=hostname,
+                eventer=eventer, task=task, connection_errors=connection_errors,
+                body=message.body, headers=message.headers, decoded=False, utc=True,
+            )  # fmt: skip
+        except Exception as exc:  # a body that does not decode: its caller must hear of it
+            return refuse(message, RejectedMessageError(f"undecodable {task.name} request: {exc}"))
         if (request.expires or request.id in worker_state.revoked) and request.revoked():
             return None
         if eventer is not None and eventer.enabled and task.send_events:

@@ -274,7 +274,9 @@ def test_a_pickle_message_is_rejected_never_executed(worker: WorkerProcess, tmp_
     with pytest.raises(RejectedMessageError, match="not accepted"):
         app.AsyncResult(task_id).get(timeout=30)
     assert not marker.exists()
-    assert len(app.tasks["tasks.predict"].delay("linear", [1.0] * 8).get(timeout=30)) == 4
+    from tasks import predict
+
+    assert len(predict.delay("linear", [1.0] * 8).get(timeout=30)) == 4
 
 
 def test_expired_requests_are_revoked(worker: WorkerProcess) -> None:
@@ -401,3 +403,25 @@ def test_task_events_reach_monitors_like_flower(worker: WorkerProcess) -> None:
         if receiver is not None:
             receiver.should_stop = True
         thread.join(10)
+
+
+def test_an_undecodable_message_fails_its_caller_at_once(worker: WorkerProcess) -> None:
+    from kombu import Connection, Exchange, Producer
+
+    from workers import app
+
+    task_id = "garbage-probe"
+    with Connection(app.conf.broker_url) as conn:
+        producer = Producer(conn.channel(), exchange=Exchange(""))
+        producer.publish(
+            b"\xc1 not msgpack",
+            routing_key=keys.queue_name("linear", "v1"),
+            content_type="application/x-inference-tensor",
+            content_encoding="binary",
+            headers={"task": "tasks.predict", "id": task_id, "lang": "py"},
+        )
+    with pytest.raises(RejectedMessageError, match=r"undecodable tasks\.predict request"):
+        app.AsyncResult(task_id).get(timeout=30)
+    from tasks import predict
+
+    assert len(predict.delay("linear", [1.0] * 8).get(timeout=30)) == 4
