@@ -111,6 +111,8 @@ class ScalerLoop:
         key = (worker, command, arg)
         if now - self._sent.get(key, -1e18) < RESEND_S:
             return False
+        if len(self._sent) > 10_000:  # forget old sends of workers and models long gone
+            self._sent = {k: t for k, t in self._sent.items() if now - t < RESEND_S}
         self._sent[key] = now
         return True
 
@@ -228,13 +230,14 @@ class ScalerLoop:
     # -- bookkeeping ------------------------------------------------------------------------
     def _record_popularity(self, view: FleetView, now: float) -> None:
         counts: dict[ModelKey, float] = {}
+        rows_now: dict[tuple[str, str], int] = {}  # only reporting workers: the dead drop out
         for worker, report in view.reports.items():
             for text, stats in report.get("batching", {}).items():
-                rows = int(stats.get("rows", 0))
+                rows = rows_now[(worker, text)] = int(stats.get("rows", 0))
                 before = self._rows.get((worker, text))
-                self._rows[(worker, text)] = rows
                 if before is not None and rows > before:
                     counts[parse_key(text)] = counts.get(parse_key(text), 0.0) + rows - before
+        self._rows = rows_now
         last = self._popularity_at
         self._popularity_at = now
         if last is None:
