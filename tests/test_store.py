@@ -221,3 +221,17 @@ def test_the_fast_publish_writes_what_celerys_path_writes(
     assert np.array_equal(fast_args[1], slow_args[1]) and fast_kwargs == slow_kwargs == {
         "version": "v1"
     }
+
+
+def test_popularity_decays_and_grows(client: redis.Redis) -> None:
+    store = ScalerStore(client)
+    a, b = ModelKey("a", "v1"), ModelKey("b", "v1")
+    store.add_popularity({a: 10.0}, decay=1.0)
+    store.add_popularity({b: 4.0}, decay=0.5)
+    snapshot_scores = {
+        k.decode(): float(v) for k, v in client.hgetall("inference:popularity").items()
+    }
+    assert snapshot_scores == {"a/v1": 5.0, "b/v1": 4.0}
+    for _ in range(12):
+        store.add_popularity({}, decay=0.5)
+    assert client.hgetall("inference:popularity") == {}  # decayed below 0.01: forgotten
