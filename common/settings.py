@@ -117,6 +117,19 @@ class ScalerSettings(BaseSettings):
     log_dir: Path | None = None
 
 
+class FlowerSettings(BaseSettings):
+    """``celery -A workers flower`` (read by ``flowerconfig.py``): loopback unless configured."""
+
+    model_config = SettingsConfigDict(env_prefix="FLOWER_", extra="ignore")
+
+    address: str = "127.0.0.1"
+    port: int = Field(5555, ge=1, le=65535)
+    # "user:password" pairs, comma-separated; none means no authentication.
+    basic_auth: CommaList = Field(default_factory=list)
+
+    _split = field_validator("basic_auth", mode="before")(_split_commas)
+
+
 def _build(cls: type[BaseSettings]) -> BaseSettings:
     try:
         return cls()
@@ -144,4 +157,11 @@ def worker_settings() -> WorkerSettings:
 def scaler_settings() -> ScalerSettings:
     settings = _build(ScalerSettings)
     assert isinstance(settings, ScalerSettings)
+    return settings
+
+
+@lru_cache(maxsize=1)
+def flower_settings() -> FlowerSettings:
+    settings = _build(FlowerSettings)
+    assert isinstance(settings, FlowerSettings)
     return settings

@@ -1,0 +1,89 @@
+"""docker-compose.yml, checked without a Docker engine: every command is one this project
+has, every environment variable is one the settings know, Flower stays on loopback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import yaml
+
+from common.redis import die_with_parent, free_port
+from common.settings import FlowerSettings, ScalerSettings, ServingSettings, WorkerSettings
+
+pytestmark = pytest.mark.timeout(60)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def known_variables() -> set[str]:
+    names = set()
+    for cls in (ServingSettings, WorkerSettings, ScalerSettings, FlowerSettings):
+        prefix = cls.model_config.get("env_prefix", "")
+        names |= {f"{prefix}{field}".upper() for field in cls.model_fields}
+    return names
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())  # type: ignore[no-any-return]
+
+
+def test_every_service_runs_a_command_of_this_project(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert {"redis", "beat", "flower"} <= set(services)
+    assert any(name.startswith("worker") for name in services)
+    for name, service in services.items():
+        if "build" not in service:
+            continue
+        command = service["command"]
+        assert command[:3] == ["celery", "-A", "workers"], name
+        assert command[3] in {"worker", "beat", "flower"}, name
+    assert (ROOT / "workers.py").is_file() and (ROOT / "flowerconfig.py").is_file()
+    assert (ROOT / "Dockerfile").is_file()
+
+
+def test_every_environment_variable_is_a_setting(compose: dict[str, Any]) -> None:
+    known = known_variables()
+    for name, service in compose["services"].items():
+        for variable in service.get("environment", {}):
+            assert variable in known, f"{name}: {variable} is not a setting"
+
+
+def test_redis_persists_workers_reserve_a_gpu_flower_is_protected(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert "--appendonly" in services["redis"]["command"]
+    for name, service in services.items():
+        if name.startswith("worker"):
+            devices = service["deploy"]["resources"]["reservations"]["devices"]
+            assert devices[0]["capabilities"] == ["gpu"]
+    flower = services["flower"]
+    assert all(str(port).startswith("127.0.0.1:") for port in flower["ports"])
+    assert "FLOWER_BASIC_AUTH" in flower["environment"]
+
+
+def test_flower_listens_on_loopback_by_default(redis_server: Any, tmp_path: Path) -> None:
+    port = free_port()
+    flower = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "workers", "flower", f"--port={port}"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 45
+        listening: list[str] = []
+        while not listening and time.monotonic() < deadline:
+            assert flower.poll() is None, "flower exited"
+            listening = [
+                c.laddr.ip for c in psutil.Process(flower.pid).net_connections()
+                if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+            ]  # fmt: skip
+            time.sleep(0.1)
+        assert listening and set(listening) <= {"127.0.0.1"}, listening
+    finally:
+        flower.terminate()
+        flower.wait(10)
