@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -130,7 +130,10 @@ class FlowerSettings(BaseSettings):
     _split = field_validator("basic_auth", mode="before")(_split_commas)
 
 
-def _build(cls: type[BaseSettings]) -> BaseSettings:
+S = TypeVar("S", bound=BaseSettings)
+
+
+def _build(cls: type[S]) -> S:
     try:
         return cls()
     except ValidationError as exc:
@@ -141,27 +144,19 @@ def _build(cls: type[BaseSettings]) -> BaseSettings:
 
 @lru_cache(maxsize=1)
 def serving_settings() -> ServingSettings:
-    settings = _build(ServingSettings)
-    assert isinstance(settings, ServingSettings)
-    return settings
+    return _build(ServingSettings)
 
 
 @lru_cache(maxsize=1)
 def worker_settings() -> WorkerSettings:
-    settings = _build(WorkerSettings)
-    assert isinstance(settings, WorkerSettings)
-    return settings
+    return _build(WorkerSettings)
 
 
 @lru_cache(maxsize=1)
 def scaler_settings() -> ScalerSettings:
-    settings = _build(ScalerSettings)
-    assert isinstance(settings, ScalerSettings)
-    return settings
+    return _build(ScalerSettings)
 
 
 @lru_cache(maxsize=1)
 def flower_settings() -> FlowerSettings:
-    settings = _build(FlowerSettings)
-    assert isinstance(settings, FlowerSettings)
-    return settings
+    return _build(FlowerSettings)
