@@ -110,9 +110,9 @@ class Item:
     def n_rows(self) -> int:
         if self.rows is not None:
             return len(self.rows)
-        return (
-            1 if self.single else max(1, len(self.inputs)) if hasattr(self.inputs, "__len__") else 1
-        )
+        if self.single or not hasattr(self.inputs, "__len__"):
+            return 1
+        return max(1, len(self.inputs))
 
 
 @dataclass(eq=False)
@@ -173,7 +173,6 @@ class Batcher:
         self._clock = clock
         self._cond = threading.Condition()
         self._queues: dict[ModelKey, deque[Item]] = {}
-        self._running = 0
         self._running_key: ModelKey | None = None
         self._running_items = 0
         self._stopping = False
@@ -205,10 +204,6 @@ class Batcher:
         with self._cond:
             self._cond.notify()
 
-    def pending(self) -> dict[ModelKey, int]:
-        with self._cond:
-            return {key: len(items) for key, items in self._queues.items() if items}
-
     def busy(self) -> dict[ModelKey, int]:
         """Requests held per model version: waiting for a batch or running."""
         with self._cond:
@@ -216,11 +211,6 @@ class Batcher:
             if self._running_key is not None:
                 held[self._running_key] = held.get(self._running_key, 0) + self._running_items
             return held
-
-    @property
-    def in_flight(self) -> int:
-        with self._cond:
-            return sum(len(q) for q in self._queues.values()) + self._running
 
     def drain(self, *, timeout_s: float = 60.0) -> list[Item]:
         """Stop taking new batches: return the waiting requests, finish the running ones."""
@@ -251,7 +241,6 @@ class Batcher:
                 while True:
                     picked, wait_s = self._pick()
                     if picked is not None:
-                        self._running += sum(i.n_rows for i in picked[1])
                         self._running_key, self._running_items = picked[0], len(picked[1])
                         break
                     if self._stopping and not any(self._queues.values()):
@@ -267,7 +256,6 @@ class Batcher:
                 ]
             self._done.put(outcomes)
             with self._cond:
-                self._running -= sum(i.n_rows for i in items)
                 self._running_key, self._running_items = None, 0
 
     def _pick(self) -> tuple[tuple[ModelKey, list[Item]] | None, float | None]:

@@ -12,7 +12,7 @@ import redis
 
 from common import keys
 from loader.cache import ModelKey
-from loader.registry import publish_registry
+from loader.registry import RegistryPublisher
 from loader.repository import ModelRepository
 from scaler.backends import Backend, LocalBackend, StaticBackend
 from scaler.config import AutoscalerConfig
@@ -21,7 +21,6 @@ from scaler.store import FleetView, ScalerStore, parse_key
 
 logger = logging.getLogger(__name__)
 
-REGISTRY_REFRESH_S = 5.0
 # A remote-control command a worker has not acted on is sent again after this long.
 RESEND_S = 3.0
 # An unload of at least this many bytes must show in the worker's RSS, or it is recycled.
@@ -53,12 +52,10 @@ class ScalerLoop:
         self.backend: Backend = backend or (
             LocalBackend(self.store) if config.backend == "local" else StaticBackend()
         )
-        self.repository = repository
+        self.registry = RegistryPublisher(repository) if repository is not None else None
         self.state = PolicyState()
         self._sent: dict[tuple[str, str, str], float] = {}
         self._rows: dict[tuple[str, str], int] = {}
-        self._registry_at = -1e18
-        self._registry: dict[str, Any] | None = None
         self._popularity_at: float | None = None
         self._unloads: dict[str, tuple[float, int, int]] = {}  # worker -> (time, rss, bytes)
         self._cold_since: dict[ModelKey, float] = {}
@@ -97,14 +94,9 @@ class ScalerLoop:
         return result
 
     def _publish_registry(self) -> None:
-        if self.repository is None or time.monotonic() - self._registry_at < REGISTRY_REFRESH_S:
-            return
-        self._registry_at = time.monotonic()
-        registry = self.repository.registry()
-        exists = self.store.client.exists(keys.REGISTRY)
-        if registry != self._registry or not exists:
-            publish_registry(self.store.client, registry)
-            self._registry = registry
+        if self.registry is not None and self.registry.due():
+            exists = bool(self.store.client.exists(keys.REGISTRY))
+            self.registry.publish_if_changed(self.store.client, exists=exists)
 
     # -- acting -----------------------------------------------------------------------------
     def _due(self, worker: str, command: str, arg: str, now: float) -> bool:

@@ -99,7 +99,6 @@ class FleetView:
     snapshot: Snapshot
     reports: dict[str, dict[str, Any]]
     fleet: dict[str, FleetRecord]
-    registry: dict[str, dict[str, Any]]
 
 
 class ScalerStore:
@@ -175,7 +174,7 @@ class ScalerStore:
             overrides=dict(self._overrides),
             **self._manual(overrides),
         )
-        return FleetView(snapshot=snapshot, reports=reports, fleet=fleet, registry=self._registry)
+        return FleetView(snapshot=snapshot, reports=reports, fleet=fleet)
 
     def _load_registry(self, raw: dict[bytes, bytes], stamp: bytes | None) -> None:
         registry = {k.decode(): json.loads(v) for k, v in raw.items()}

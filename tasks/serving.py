@@ -25,14 +25,12 @@ from common.errors import InferenceError
 from common.redis import redis_client
 from common.settings import ServingSettings, WorkerSettings, serving_settings, worker_settings
 from loader.cache import ModelKey
-from loader.registry import publish_registry
+from loader.registry import RegistryPublisher
 from loader.server import ModelServer
 from monitoring.resources import ProcessSampler, gpu_reading
 from tasks.strategy import Completer, HeldMessages, admit
 
 logger = logging.getLogger(__name__)
-
-REGISTRY_REFRESH_S = 5.0
 
 
 class Reporter:
@@ -57,8 +55,7 @@ class Reporter:
         self.started_at = time.time()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="worker-report", daemon=True)
-        self._registry_at = 0.0
-        self._registry: dict[str, Any] | None = None
+        self.registry = RegistryPublisher(server.repository)
         self.orphan_exit_s = settings.orphan_exit_s
         self._last_ok = time.monotonic()
 
@@ -122,7 +119,6 @@ class Reporter:
             "failed_models": models["failed"],
             "loaded_bytes": server.cache.loaded_bytes(),
             "in_flight": len(self.held),
-            "pending": {str(k): n for k, n in server.batcher.pending().items()},
             "busy": {str(k): n for k, n in server.batcher.busy().items()},
             "capacity_bytes": server.cache.cache_size_bytes,
             "max_models": server.cache.max_loaded_models,
@@ -166,14 +162,8 @@ class Reporter:
             )
         pipe.exists(keys.REGISTRY)
         *_, registry_exists = pipe.execute()
-        if not registry_exists:
-            self._registry = None  # Redis lost it (a restart without persistence)
-        if self._registry is None or time.monotonic() - self._registry_at > REGISTRY_REFRESH_S:
-            registry = self.server.repository.registry()
-            self._registry_at = time.monotonic()
-            if registry != self._registry:
-                publish_registry(self.client, registry)
-                self._registry = registry
+        if not registry_exists or self.registry.due():
+            self.registry.publish_if_changed(self.client, exists=bool(registry_exists))
 
 
 class ModelServing(bootsteps.StartStopStep):
@@ -207,7 +197,7 @@ class ModelServing(bootsteps.StartStopStep):
     def start(self, worker: Any) -> None:
         self.server.start()
         try:
-            publish_registry(self.reporter.client, self.server.repository.registry())
+            self.reporter.registry.publish_if_changed(self.reporter.client, exists=False)
         except Exception as exc:
             logger.warning("worker %s could not publish the registry: %s", worker.hostname, exc)
         for spec in self.preload:
