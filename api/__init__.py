@@ -1,1 +1,1 @@
-"""The HTTP API (SEED.md's endpoints); not in this version yet."""
+"""The HTTP API (SEED.md's endpoints): ``python -m api``."""

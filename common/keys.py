@@ -69,3 +69,32 @@ FLEET = _NS + "fleet"
 
 def model_key_text(name: str, version: str) -> str:
     return f"{name}/{version}"
+
+
+# --- metrics and alerts ------------------------------------------------------------------
+# Hash per second / per minute (epoch // 60): "<scope>|<subject>|<field>" -> number; they
+# expire after METRICS_SECOND_RETENTION_S / METRICS_MINUTE_RETENTION_S.
+METRICS_SECOND = _NS + "metrics:s:{t}"
+METRICS_MINUTE = _NS + "metrics:m:{t}"
+# Hash: the same fields summed since the start (Prometheus counters); bounded by the
+# registered model versions and the workers.
+METRICS_TOTAL = _NS + "metrics:total"
+# Hash: alert key -> JSON state of a firing alert.
+ALERTS_ACTIVE = _NS + "alerts:active"
+# List, newest first, capped: every alert event (fired, repeated, resolved).
+ALERTS_HISTORY = _NS + "alerts:history"
+# Pub/sub channel: every alert event as JSON (Autoscaler callbacks listen to it).
+ALERTS_CHANNEL = _NS + "alerts:events"
+
+
+def metrics_second_key(t: int) -> str:
+    return METRICS_SECOND.format(t=t)
+
+
+def metrics_minute_key(t: int) -> str:
+    return METRICS_MINUTE.format(t=t)
+
+
+def text(value: bytes | str) -> str:
+    """A Redis reply as text (clients here do not decode responses)."""
+    return value.decode() if isinstance(value, bytes) else value

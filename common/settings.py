@@ -130,6 +130,36 @@ class FlowerSettings(BaseSettings):
     _split = field_validator("basic_auth", mode="before")(_split_commas)
 
 
+class MetricsSettings(BaseSettings):
+    """Metrics history in Redis: per-second buckets, rolled up into per-minute buckets."""
+
+    model_config = SettingsConfigDict(env_prefix="METRICS_", extra="ignore")
+
+    enabled: bool = True
+    # How long each resolution is kept; the predictive policy's learning_window_hours needs
+    # minute buckets at least that long.
+    second_retention_s: int = Field(3600, ge=60)
+    minute_retention_s: int = Field(86400, ge=3600)
+
+
+class ApiSettings(BaseSettings):
+    """The HTTP API (``python -m api``)."""
+
+    model_config = SettingsConfigDict(env_prefix="API_", extra="ignore", protected_namespaces=())
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    # Bearer token of the management endpoints (scale, load, unload). Without one they
+    # answer loopback clients only.
+    token: str | None = None
+    # The model of a POST /predict that names none (SEED.md's body has no model field).
+    default_model: str = "example"
+    default_timeout_s: float = Field(30.0, gt=0)
+    max_timeout_s: float = Field(600.0, gt=0)
+    # A request to a version with no loaded instance after this long answers 503.
+    cold_start_timeout_s: float = Field(30.0, gt=0)
+
+
 S = TypeVar("S", bound=BaseSettings)
 
 
@@ -160,3 +190,13 @@ def scaler_settings() -> ScalerSettings:
 @lru_cache(maxsize=1)
 def flower_settings() -> FlowerSettings:
     return _build(FlowerSettings)
+
+
+@lru_cache(maxsize=1)
+def metrics_settings() -> MetricsSettings:
+    return _build(MetricsSettings)
+
+
+@lru_cache(maxsize=1)
+def api_settings() -> ApiSettings:
+    return _build(ApiSettings)

@@ -105,6 +105,8 @@ class Item:
     kind: str = OutputKind.LIST
     # The model was not loaded when the request arrived (a cache miss, a cold start).
     cold: bool = False
+    # Seconds the request waited in the broker before this worker received it.
+    queued_s: float = 0.0
 
     @property
     def n_rows(self) -> int:
@@ -178,6 +180,8 @@ class Batcher:
         self._stopping = False
         self._done: queue.SimpleQueue[list[Outcome] | None] = queue.SimpleQueue()
         self.stats = BatcherStats()
+        # Called with every completed batch of outcomes, after completion (metrics).
+        self.observers: list[Callable[[list[Outcome]], None]] = []
         self._threads = [
             threading.Thread(target=self._run, name="batch-runner", daemon=True),
             threading.Thread(target=self._finish, name="batch-complete", daemon=True),
@@ -404,3 +408,8 @@ class Batcher:
                 # The messages stay unacknowledged and are redelivered after the visibility
                 # timeout: nothing is lost, at worst run twice.
                 logger.exception("could not complete %d requests", len(outcomes))
+            for observer in self.observers:
+                try:
+                    observer(outcomes)
+                except Exception:
+                    logger.exception("batch observer %r failed", observer)

@@ -103,6 +103,8 @@ class ModelCache:
         self._lock = threading.Lock()
         self._entries: OrderedDict[ModelKey, CachedModel] = OrderedDict()
         self._pool = ThreadPoolExecutor(concurrent_loads, thread_name_prefix="model-load")
+        # Called with (key, seconds) after a load, (key, None) after a failed one.
+        self.on_loaded: Callable[[ModelKey, float | None], None] | None = None
         self.loads = 0
         self.load_failures = 0
         self.evictions = 0
@@ -205,6 +207,7 @@ class ModelCache:
                 if self._entries.get(key) is entry and entry.state is ModelState.LOADING:
                     self._fail(entry, error)
             logger.warning("model %s failed to load: %s", key, error)
+            self._notify_loaded(key, None)
             self._on_change()
             return
         with self._lock:
@@ -223,7 +226,15 @@ class ModelCache:
             _free_memory(self.device)
         else:
             logger.info("model %s ready in %.3f s (%d bytes)", key, load_time, size)
+            self._notify_loaded(key, load_time)
         self._on_change()
+
+    def _notify_loaded(self, key: ModelKey, load_s: float | None) -> None:
+        if self.on_loaded is not None:
+            try:
+                self.on_loaded(key, load_s)
+            except Exception:
+                logger.exception("load hook failed for %s", key)
 
     def _reserve(self, entry: CachedModel, size: int) -> None:
         """Evict least recently used idle models until ``size`` more bytes fit."""

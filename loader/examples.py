@@ -4,6 +4,7 @@
 - ``small_cnn/v1``: torch.export, float32[3, 64, 64] -> 10, any batch size.
 - ``linear/v1`` and ``linear/v2``: state dicts for the ``linear`` factory, float32[8] -> 4,
   with different weights (v1 is the default version).
+- ``example/v1``: SEED.md's model name, float32[3] -> 2; the HTTP API's default model.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from loader.example_models import Linear, SmallCNN, TinyMLP
 
-EXAMPLE_MODELS = ("tiny_mlp", "small_cnn", "linear")
+EXAMPLE_MODELS = ("tiny_mlp", "small_cnn", "linear", "example")
 
 
 def _write_spec(folder: Path, spec: dict[str, Any]) -> None:
@@ -86,12 +87,33 @@ def write_linear(root: Path) -> None:
     (root / "linear" / "model.json").write_text(json.dumps({"default_version": "v1"}) + "\n")
 
 
+def write_example(root: Path) -> None:
+    """SEED.md's ``example`` model: the HTTP API's default, float32[3] -> 2."""
+    torch.manual_seed(1)
+    folder = root / "example" / "v1"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(Linear(3, 2).state_dict(), folder / "model.pt")
+    _write_spec(
+        folder,
+        {
+            "format": "state_dict",
+            "file": "model.pt",
+            "factory": "linear",
+            "factory_kwargs": {"in_features": 3, "out_features": 2},
+            "input": {"dtype": "float32", "shape": [3]},
+            "batching": {"max_batch_size": 32, "max_batch_delay_ms": 0},
+            "description": "affine 3 -> 2 (the API's default model)",
+        },
+    )
+
+
 def write_examples(root: Path | str) -> Path:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     write_tiny_mlp(root)
     write_small_cnn(root)
     write_linear(root)
+    write_example(root)
     return root
 
 

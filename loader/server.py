@@ -90,5 +90,9 @@ class ModelServer:
         self.repository.version_dir(name, version)
         return ModelKey(name, version)
 
-    def submit(self, key: ModelKey, inputs: Any, *, single: bool, ticket: Any) -> None:
-        self.batcher.submit(Item(key=key, inputs=inputs, single=single, ticket=ticket))
+    def submit(
+        self, key: ModelKey, inputs: Any, *, single: bool, ticket: Any, queued_s: float = 0.0
+    ) -> None:
+        self.batcher.submit(
+            Item(key=key, inputs=inputs, single=single, ticket=ticket, queued_s=queued_s)
+        )

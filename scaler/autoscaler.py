@@ -21,8 +21,10 @@ from typing import Any
 
 from common import keys
 from common.redis import redis_client
-from common.settings import serving_settings
+from common.settings import metrics_settings, serving_settings
 from loader.cache import ModelKey
+from monitoring.alerts import AlertListener, active_alerts
+from monitoring.metrics import MetricsHistory
 from scaler.beat import build_loop
 from scaler.config import AutoscalerConfig, ModelLoaderConfig, ZeroScalingConfig
 from scaler.loop import ScalerLoop
@@ -48,7 +50,7 @@ class Autoscaler:
         self._loop: ScalerLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self._alert_callbacks: list[AlertCallback] = []
+        self._alerts = AlertListener(self._client)
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -88,6 +90,7 @@ class Autoscaler:
     async def stop(self, *, stop_workers: bool = False) -> None:
         """Stop this process's scaler loop; with ``stop_workers``, also the workers it started."""
         self._stopping.set()
+        self._alerts.stop()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10)
             self._thread = None
@@ -154,7 +157,39 @@ class Autoscaler:
             "active_instances": status.get("instances", {}),
             "queued": status.get("queued", {}),
             "workers": status.get("workers", {}),
+            # Every registered version's queue, those at zero included.
+            "queues": self.store.queue_depths(),
             "decisions": self.store.decisions(50),
+        }
+
+    def get_metrics(self, window_seconds: int = 3600, model: str | None = None) -> dict[str, Any]:
+        """SEED.md's key metrics over the last ``window_seconds``: the window's values from
+        the history, plus the instances, queues, popularity and alerts of now."""
+        metrics = MetricsHistory(self._client, metrics_settings()).window(
+            window_seconds, model=model
+        )
+        status = self.store.status() or {}
+        active = loading = 0
+        instances: dict[str, dict[str, int]] = {}
+        for info in status.get("workers", {}).values():
+            loaded = set(info.get("loaded", []))
+            for text in info.get("serving", []):
+                state = "active" if text in loaded else "loading"
+                active, loading = active + (state == "active"), loading + (state == "loading")
+                counts = instances.setdefault(text, {"active": 0, "loading": 0})
+                counts[state] += 1
+        popularity = {
+            keys.text(k): round(float(v), 3)
+            for k, v in self._client.hgetall(keys.POPULARITY).items()
+        }
+        return metrics | {
+            "active_instances": active,
+            "loading_instances": loading,
+            "total_instances": active + loading,
+            "instances": instances,
+            "queue_depths": self.store.queue_depths(),
+            "popularity": dict(sorted(popularity.items())),
+            "alerts": active_alerts(self._client),
         }
 
     def get_health_status(self) -> dict[str, Any]:
@@ -178,18 +213,17 @@ class Autoscaler:
     def add_alert_callback(self, callback: AlertCallback) -> None:
         """Register ``callback(alert_key, message)``.
 
-        Alerts are raised by the monitoring rules (memory, CPU, error rate, response time,
-        queue depth, cold-start time) that come with the metrics history; until those rules
-        run, no alert is raised and the callbacks registered here are not called.
+        The scaler leader (this process's or a beat process's) evaluates the alert rules
+        (``alert_thresholds``) every tick and publishes each event; this process calls its
+        callbacks for every one: when an alert fires, when it repeats after
+        ``alert_cooldown_seconds``, and when it resolves (a message starting ``resolved``).
         """
-        self._alert_callbacks.append(callback)
+        self._alerts.add(callback)
 
-    def _fire_alert(self, alert_key: str, message: str) -> None:
-        for callback in list(self._alert_callbacks):
-            try:
-                callback(alert_key, message)
-            except Exception:
-                logger.exception("alert callback %r failed for %s", callback, alert_key)
+    def get_alerts(self) -> dict[str, Any]:
+        from monitoring.alerts import history
+
+        return {"active": active_alerts(self._client), "history": history(self._client, 50)}
 
 
 class ZeroScaler:

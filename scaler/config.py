@@ -106,6 +106,9 @@ DEFAULT_ALERT_THRESHOLDS = {
     "cpu_usage_percent": 80.0,
     "error_rate_percent": 5.0,
     "average_response_time_ms": 1000.0,
+    # Not in SEED.md's example; the same rules cover them.
+    "queue_depth": 1000.0,
+    "cold_start_time_ms": 30000.0,
 }
 
 
@@ -130,3 +133,16 @@ class AutoscalerConfig(_Config):
     # Seconds a worker may take from its process start to its first report.
     worker_start_timeout_s: float = Field(120.0, gt=0)
     leader_ttl_s: float = Field(5.0, gt=0)
+    # Alerts: the window their values are taken over, how long a firing alert stays quiet
+    # before it is sent again, and an optional webhook that receives every event as JSON.
+    alert_window_seconds: int = Field(60, ge=1)
+    alert_cooldown_seconds: float = Field(300.0, ge=0)
+    alert_webhook_url: str | None = Field(None, pattern="^https?://")
+    alert_webhook_timeout_s: float = Field(5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _alert_keys(self) -> AutoscalerConfig:
+        from monitoring.alerts import check_thresholds
+
+        check_thresholds(self.alert_thresholds)
+        return self

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
 from common import keys
+from common.settings import metrics_settings
 from loader.cache import ModelKey
 from loader.registry import RegistryPublisher
 from loader.repository import ModelRepository
+from monitoring.alerts import AlertManager
+from monitoring.metrics import FLEET, MODEL, MetricsHistory, MetricsRecorder
+from monitoring.metrics import field as metric_field
 from scaler.backends import Backend, LocalBackend, StaticBackend
 from scaler.config import AutoscalerConfig
 from scaler.policy import NEW_WORKER_PREFIX, Decision, Plan, PolicyState, decide
@@ -60,6 +65,17 @@ class ScalerLoop:
         self._unloads: dict[str, tuple[float, int, int]] = {}  # worker -> (time, rss, bytes)
         self._cold_since: dict[ModelKey, float] = {}
         self.last: TickResult | None = None
+        settings = metrics_settings()
+        self.metrics = MetricsRecorder(client, settings)
+        self.history = MetricsHistory(client, settings)
+        self.alerts = AlertManager(
+            client,
+            config.alert_thresholds,
+            window_s=config.alert_window_seconds,
+            cooldown_s=config.alert_cooldown_seconds,
+            webhook_url=config.alert_webhook_url,
+            webhook_timeout_s=config.alert_webhook_timeout_s,
+        )
 
     # -- the tick ---------------------------------------------------------------------------
     def tick(self, now: float | None = None) -> TickResult:
@@ -81,6 +97,11 @@ class ScalerLoop:
             k for w in view.snapshot.workers.values() for k in w.serving
         }
         self.store.record(plan.decisions, self._status(view, plan, result, now), served)
+        if self.config.enable_metrics and self.metrics.enabled:
+            try:
+                self._record_metrics(view, plan, now)
+            except Exception as exc:  # metrics never stop scaling
+                logger.warning("scaler metrics or alerts failed: %s", exc)
         for d in plan.decisions:
             logger.info(
                 "model %s/%s: %d -> %d instances (%s)",
@@ -239,6 +260,46 @@ class ScalerLoop:
         if counts or decay < 0.999:
             self.store.add_popularity(counts, decay)
             self._popularity_at = now
+
+    def _record_metrics(self, view: FleetView, plan: Plan, now: float) -> None:
+        snapshot = view.snapshot
+        fleet = {"active": 0.0, "loading": 0.0, "total": 0.0}
+        per_model: dict[str, dict[str, float]] = {}
+        for worker in snapshot.workers.values():
+            for key in worker.serving:
+                state = "active" if key in worker.loaded else "loading"
+                fleet[state] += 1
+                fleet["total"] += 1
+                per_model.setdefault(str(key), {"instances": 0.0})["instances"] += 1
+        for key, depth in snapshot.queued.items():
+            per_model.setdefault(str(key), {"instances": 0.0})["queued"] = float(depth)
+        events: Counter[str] = Counter()
+        for d in plan.decisions:
+            if d.model.name == "*":
+                continue
+            if d.to_instances > d.from_instances:
+                events["scale_up"] += 1
+                if d.from_instances == 0:
+                    events["cold_starts"] += 1
+            elif d.to_instances < d.from_instances:
+                events["scale_down"] += 1
+        counters = {metric_field(FLEET, "-", name): float(n) for name, n in events.items()}
+        self.metrics.count(counters, now)
+        # The model gauges are normalised by the fleet's sample count (f|-|n).
+        self.metrics.gauge(FLEET, "-", fleet, now)
+        self.metrics.sample(
+            {
+                metric_field(MODEL, model, name): value
+                for model, values in per_model.items()
+                for name, value in values.items()
+            },
+            now,
+        )
+        self.metrics.flush()
+        window = self.config.alert_window_seconds
+        metrics = self.history.window(window, now=now)
+        queued = {str(k): n for k, n in snapshot.queued.items()}
+        self.alerts.evaluate(metrics, queued, now)
 
     def _status(
         self, view: FleetView, plan: Plan, result: TickResult, now: float

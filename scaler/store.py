@@ -176,6 +176,24 @@ class ScalerStore:
         )
         return FleetView(snapshot=snapshot, reports=reports, fleet=fleet)
 
+    def queue_depths(self) -> dict[str, int]:
+        """Requests waiting on every registered version, those with none included."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.smembers(keys.REGISTRY_QUEUES)
+        suffixes = [f"{keys.PRIORITY_SEPARATOR}{step}" for step in keys.PRIORITY_STEPS if step]
+        self._depths(keys=[keys.REGISTRY_QUEUES, keys.PRIORITY_QUEUES], args=suffixes, client=pipe)
+        queues, depths = pipe.execute()
+        result = {}
+        for queue in queues:
+            key = queue_to_key(queue.decode())
+            if key is not None:
+                result[keys.model_key_text(*key)] = 0
+        for i in range(0, len(depths), 2):
+            key = queue_to_key(depths[i].decode())
+            if key is not None:
+                result[keys.model_key_text(*key)] = int(depths[i + 1])
+        return dict(sorted(result.items()))
+
     def _load_registry(self, raw: dict[bytes, bytes], stamp: bytes | None) -> None:
         registry = {k.decode(): json.loads(v) for k, v in raw.items()}
         sizes, overrides = {}, {}

@@ -31,6 +31,8 @@ class PredictTask(Task):
 
     def apply_async(self, args: Any = None, kwargs: Any = None, *rest: Any, **options: Any) -> Any:
         kwargs = dict(kwargs or {})
+        # The HTTP API awaits results on its own subscription: no Celery result consumer.
+        subscribe = options.pop("subscribe", True)
         inputs = args[1] if args and len(args) > 1 else kwargs.get("inputs")
         limit = serving_settings().max_payload_bytes
         size = codec.payload_bytes(inputs)
@@ -50,7 +52,7 @@ class PredictTask(Task):
         if not rest and isinstance(router, ModelRouter) and fast_path_allowed(self.app, options):
             route = router(self.name, args, kwargs, options)
             assert route is not None
-            result = publish(self, route["queue"].name, args, kwargs, options)
+            result = publish(self, route["queue"].name, args, kwargs, options, subscribe=subscribe)
         else:
             result = super().apply_async(args, kwargs, *rest, **options)
         version = kwargs.get("version")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import threading
+import time
 import uuid
 from bisect import bisect
 from datetime import datetime, timedelta
@@ -53,7 +54,13 @@ def fast_path_allowed(app: Any, options: dict[str, Any]) -> bool:
 
 
 def publish(
-    task: Any, queue: str, args: Any, kwargs: dict[str, Any], options: dict[str, Any]
+    task: Any,
+    queue: str,
+    args: Any,
+    kwargs: dict[str, Any],
+    options: dict[str, Any],
+    *,
+    subscribe: bool = True,
 ) -> Any:
     app = task.app
     task_id = options.get("task_id") or str(uuid.uuid4())
@@ -76,6 +83,8 @@ def publish(
         expires=expires, reply_to=app.thread_oid, ignore_result=task.ignore_result,
         argsrepr=options.get("argsrepr"), kwargsrepr=options.get("kwargsrepr"),
     )  # fmt: skip
+    # For the queue-wait metric; Celery passes unknown headers through.
+    headers["published_at"] = time.time()
     content_type, content_encoding, data = dumps(body, serializer=options["serializer"])
     if isinstance(data, str):
         data = data.encode(content_encoding or "utf-8")
@@ -97,7 +106,7 @@ def publish(
     }
     step = keys.PRIORITY_STEPS[bisect(keys.PRIORITY_STEPS, priority) - 1]
     destination = queue if step == 0 else f"{queue}{keys.PRIORITY_SEPARATOR}{step}"
-    if not task.ignore_result:
+    if subscribe and not task.ignore_result:
         app.backend.on_task_call(None, task_id)  # subscribe before the result can exist
     _client(app.conf.broker_url).lpush(destination, json_dumps(envelope))
     return task.AsyncResult(task_id)

@@ -23,10 +23,17 @@ from celery.worker.control import control_command, inspect_command
 from common import keys
 from common.errors import InferenceError
 from common.redis import redis_client
-from common.settings import ServingSettings, WorkerSettings, serving_settings, worker_settings
+from common.settings import (
+    ServingSettings,
+    WorkerSettings,
+    metrics_settings,
+    serving_settings,
+    worker_settings,
+)
 from loader.cache import ModelKey
 from loader.registry import RegistryPublisher
 from loader.server import ModelServer
+from monitoring.metrics import WORKER, MetricsRecorder
 from monitoring.resources import ProcessSampler, gpu_reading
 from tasks.strategy import Completer, HeldMessages, admit
 
@@ -58,6 +65,11 @@ class Reporter:
         self.registry = RegistryPublisher(server.repository)
         self.orphan_exit_s = settings.orphan_exit_s
         self._last_ok = time.monotonic()
+        # Metrics are recorded by the batcher's completion thread and the cache's loaders;
+        # this thread writes them, so a prediction never waits on a metrics write.
+        self.metrics = MetricsRecorder(self.client, metrics_settings())
+        server.batcher.observers.append(self.metrics.observe)
+        server.cache.on_loaded = lambda key, load_s: self.metrics.loaded(str(key), load_s)
 
     def start(self) -> None:
         self._thread.start()
@@ -66,6 +78,12 @@ class Reporter:
         self._stop.set()
         self._thread.join(5)
         try:
+            self.metrics.flush()
+        except Exception as exc:
+            logger.warning(
+                "worker %s could not write its last metrics: %s", self.worker.hostname, exc
+            )
+        try:
             self.client.delete(keys.worker_report_key(self.worker.hostname))
             self.client.zrem(keys.WORKERS, self.worker.hostname)
         except Exception as exc:
@@ -73,8 +91,9 @@ class Reporter:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            now = time.time()
             try:
-                self.tick(time.time())
+                self.tick(now)
                 self._last_ok = time.monotonic()
             except Exception as exc:
                 # Redis away for a moment: the next tick tries again, serving goes on.
@@ -88,6 +107,10 @@ class Reporter:
                     )
                     os.kill(os.getpid(), signal.SIGTERM)
                     return
+            try:
+                self.metrics.flush()
+            except Exception as exc:
+                logger.warning("worker %s metrics write failed: %s", self.worker.hostname, exc)
             self._stop.wait(self.interval_s)
 
     def queues(self) -> list[str]:
@@ -142,6 +165,7 @@ class Reporter:
     def tick(self, now: float) -> None:
         report = self.report(now)
         hostname = self.worker.hostname
+        self._record_resources(report, now)
         pipe = self.client.pipeline(transaction=False)
         pipe.set(keys.worker_report_key(hostname), json.dumps(report), ex=int(self.ttl_s))
         pipe.zadd(keys.WORKERS, {hostname: now})
@@ -164,6 +188,22 @@ class Reporter:
         *_, registry_exists = pipe.execute()
         if not registry_exists or self.registry.due():
             self.registry.publish_if_changed(self.client, exists=bool(registry_exists))
+
+    def _record_resources(self, report: dict[str, Any], now: float) -> None:
+        resources = report["resources"]
+        values = {
+            "cpu": float(resources["cpu_percent"]),
+            "rss": float(resources["rss_bytes"]),
+            "mem": float(resources["system_memory_percent"]),
+        }
+        device = report["device_memory"]
+        if device.get("gpu") is not None:
+            values |= {
+                "gpu_util": float(device["utilization_percent"]),
+                "gpu_mem": float(device["memory_used_bytes"]),
+                "gpu_n": 1.0,
+            }
+        self.metrics.gauge(WORKER, self.worker.hostname, values, now)
 
 
 class ModelServing(bootsteps.StartStopStep):

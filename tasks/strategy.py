@@ -264,7 +264,9 @@ def batching_strategy(task: Any, app: Any, consumer: Any, **_: Any) -> Callable[
             )
             server.batcher.finish_now([outcome])
             return None
-        server.submit(key, inputs, single=single, ticket=request)
+        published = message.headers.get("published_at")
+        queued_s = max(time.time() - published, 0.0) if isinstance(published, float) else 0.0
+        server.submit(key, inputs, single=single, ticket=request, queued_s=queued_s)
         return None
 
     return handler

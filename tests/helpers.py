@@ -108,10 +108,11 @@ class WorkerProcess(processes.WorkerProcess):
         return self.log_tail()
 
 
-class BeatProcess:
-    """A real ``celery -A workers beat`` subprocess: the scaler."""
+class ServiceProcess:
+    """A project command run as a subprocess (``python -m ...``) with its log in a file."""
 
-    def __init__(self, name: str, *, env: dict[str, str], log_dir: Path) -> None:
+    def __init__(self, name: str, argv: list[str], *, env: dict[str, str], log_dir: Path) -> None:
+        import os
         import subprocess
         import sys
 
@@ -120,20 +121,9 @@ class BeatProcess:
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "workers",
-                "beat",
-                "--loglevel",
-                "INFO",
-                "-s",
-                str(log_dir / f"{name}-schedule"),
-            ],
+            [sys.executable, *argv],
             cwd=ROOT,
-            env={**__import__("os").environ, "PYTHONPATH": str(ROOT), **env},
+            env={**os.environ, "PYTHONPATH": str(ROOT), **env},
             stdout=self._log,
             stderr=subprocess.STDOUT,
             preexec_fn=die_with_parent,
@@ -156,6 +146,42 @@ class BeatProcess:
                 self.proc.kill()
                 self.proc.wait(10)
         self._log.close()
+
+
+class BeatProcess(ServiceProcess):
+    """A real ``celery -A workers beat`` subprocess: the scaler."""
+
+    def __init__(self, name: str, *, env: dict[str, str], log_dir: Path) -> None:
+        argv = ["-m", "celery", "-A", "workers", "beat", "--loglevel", "INFO"]
+        super().__init__(
+            name, [*argv, "-s", str(log_dir / f"{name}-schedule")], env=env, log_dir=log_dir
+        )
+
+
+class ApiProcess(ServiceProcess):
+    """``python -m api`` (uvicorn) on a free loopback port."""
+
+    def __init__(self, name: str, *, env: dict[str, str], log_dir: Path) -> None:
+        from common.redis import free_port
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(
+            name, ["-m", "api"], env={"API_PORT": str(self.port), **env}, log_dir=log_dir
+        )
+
+    def wait_ready(self, *, timeout_s: float = 60.0) -> None:
+        import httpx
+
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"API exited:\n{self.log()}")
+            try:
+                return httpx.get(self.url + "/openapi.json", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, timeout_s=timeout_s, what="the API to answer")
 
 
 def stop_fleet(client: redis.Redis, *, timeout_s: float = 30.0) -> None:

@@ -1,0 +1,500 @@
+"""The HTTP API: SEED.md's endpoints on the queue shape (``python -m api``).
+
+``POST /predict`` and ``POST /predict/batch`` queue the request exactly as
+``predict.delay`` does (same router, same message, same queue) and await its result on a
+shared Redis subscription, so no request holds a thread while it waits. Inputs are checked
+against the model's input schema from the registry before they are queued: a bad request
+is answered at once with the field named, never after a timeout.
+
+Status codes: 404 unknown model or version, 422 invalid input (the field is named), 413 a
+body over ``MAX_PAYLOAD_BYTES``, 504 no answer within the request's ``timeout``, 503 no
+instance of the version became ready within ``API_COLD_START_TIMEOUT_S`` (or its model
+cannot be loaded). The management endpoints (scale, load, unload) need
+``Authorization: Bearer <API_TOKEN>`` when a token is set, and answer only loopback
+clients when none is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.prometheus import render_metrics
+from api.results import ResultWaiter
+from common import keys
+from common.errors import (
+    InferenceError,
+    InvalidNameError,
+    ModelExecutionError,
+    ModelLoadError,
+    PayloadTooLargeError,
+    RegistryUnavailableError,
+    RejectedMessageError,
+    SchemaError,
+    UnknownModelError,
+)
+from common.settings import ApiSettings, api_settings, metrics_settings, serving_settings
+from loader.spec import InputSchema
+
+logger = logging.getLogger(__name__)
+
+# Module level: FastAPI resolves the (string) annotations against this module's globals.
+_BEARER = HTTPBearer(auto_error=False)
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    inputs: list[Any] = Field(
+        ..., description="One input row (predict) or a list of rows (predict/batch)."
+    )
+    model: str | None = Field(
+        None, pattern=NAME_PATTERN, description="Model name; default: API_DEFAULT_MODEL."
+    )
+    version: str | None = Field(
+        None, pattern=NAME_PATTERN, description="Version; default: the traffic split or default."
+    )
+    priority: int = Field(0, ge=0, le=9, description="0 (default) to 9 (most urgent).")
+    timeout: float | None = Field(
+        None, gt=0, le=3600, description="Seconds to wait for the answer (API_DEFAULT_TIMEOUT_S)."
+    )
+
+
+class PredictResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model: str
+    version: str
+    outputs: Any
+    latency_ms: float
+
+
+class ErrorResponse(BaseModel):
+    detail: Any
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in (
+        (404, "Unknown model or version"),
+        (413, "Request body over MAX_PAYLOAD_BYTES"),
+        (503, "No instance could be had within the cold-start timeout"),
+        (504, "No answer within the request's timeout"),
+    )
+}
+MANAGEMENT_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "Missing or wrong bearer token"},
+    403: {"model": ErrorResponse, "description": "No token configured: loopback clients only"},
+    404: ERRORS[404],
+}
+
+_STATUS: list[tuple[type[BaseException], int]] = [
+    (UnknownModelError, 404),
+    (InvalidNameError, 404),
+    (SchemaError, 422),
+    (RejectedMessageError, 422),
+    (PayloadTooLargeError, 413),
+    (ModelLoadError, 503),
+    (RegistryUnavailableError, 503),
+    (ModelExecutionError, 500),
+]
+
+
+def status_of(error: BaseException) -> int:
+    for kind, code in _STATUS:
+        if isinstance(error, kind):
+            return code
+    return 500
+
+
+def _invalid(field: str, message: str) -> HTTPException:
+    return HTTPException(
+        422, detail=[{"loc": ["body", field], "msg": message, "type": "value_error"}]
+    )
+
+
+class PayloadLimit:
+    """ASGI middleware: 413 for a body over the limit, before it is read whole."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._refuse(send, int(length))
+        seen = 0
+
+        async def limited() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge(seen)
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge as exc:
+            await self._refuse(send, exc.size)
+
+    async def _refuse(self, send: Any, size: int) -> None:
+        body = json.dumps(
+            {
+                "detail": f"request body of {size} bytes exceeds the limit of {self.limit} "
+                "bytes (MAX_PAYLOAD_BYTES)"
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+def create_app(settings: ApiSettings | None = None) -> FastAPI:
+    settings = settings or api_settings()
+    serving = serving_settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from scaler.autoscaler import Autoscaler
+        from workers import app as celery_app
+
+        app.state.celery = celery_app
+        app.state.router = celery_app.conf.task_routes[0]
+        app.state.autoscaler = Autoscaler(run_scaler=False)
+        app.state.waiter = ResultWaiter(serving.backend_url)
+        await app.state.waiter.start()
+        if not settings.token:
+            logger.warning(
+                "API_TOKEN is not set: the management endpoints answer loopback clients only"
+            )
+        try:
+            yield
+        finally:
+            await app.state.waiter.stop()
+
+    app = FastAPI(
+        title="Inference API",
+        version="0.1.0",
+        description=__doc__,
+        lifespan=lifespan,
+    )
+    app.add_middleware(PayloadLimit, limit=serving.max_payload_bytes)
+
+    def manager(
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
+    ) -> None:
+        if settings.token:
+            given = credentials.credentials if credentials else ""
+            if not hmac.compare_digest(given.encode(), settings.token.encode()):
+                raise HTTPException(
+                    401,
+                    detail="a valid bearer token is required (Authorization: Bearer <API_TOKEN>)",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+            return
+        host = request.client.host if request.client else ""
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = host in ("localhost", "testclient")
+        if not loopback:
+            raise HTTPException(
+                403, detail="no API_TOKEN is configured: management is open to loopback only"
+            )
+
+    Manage = Depends(manager)
+
+    def resolve(model: str, version: str | None) -> str:
+        try:
+            return str(app.state.router.registry.resolve(model, version))
+        except InferenceError as exc:
+            raise HTTPException(status_of(exc), detail=str(exc)) from None
+
+    # -- autoscaler endpoints ---------------------------------------------------------------
+    @app.get("/autoscaler/stats", tags=["autoscaler"])
+    def stats() -> dict[str, Any]:
+        """Desired and active instances, queued requests of every version, workers, decisions."""
+        return dict(app.state.autoscaler.get_stats())
+
+    @app.get("/autoscaler/health", tags=["autoscaler"])
+    def health() -> dict[str, Any]:
+        """Redis, the scaler's last tick, each worker and each model instance."""
+        return dict(app.state.autoscaler.get_health_status())
+
+    @app.post(
+        "/autoscaler/scale", tags=["autoscaler"], dependencies=[Manage], responses=MANAGEMENT_ERRORS
+    )
+    async def scale(
+        model_name: Annotated[str, Query(max_length=128)],
+        target_instances: Annotated[int, Query(ge=0, le=1000)],
+        version: Annotated[str | None, Query(max_length=128)] = None,
+    ) -> dict[str, Any]:
+        """Pin a version's instances (kept until changed; ``target_instances`` 0 is zero)."""
+        resolved = await asyncio.to_thread(resolve, model_name, version)
+        await app.state.autoscaler.scale_model(model_name, target_instances, version=resolved)
+        return {"model": model_name, "version": resolved, "target_instances": target_instances}
+
+    @app.post(
+        "/autoscaler/load", tags=["autoscaler"], dependencies=[Manage], responses=MANAGEMENT_ERRORS
+    )
+    async def load(
+        model_name: Annotated[str, Query(max_length=128)],
+        version: Annotated[str | None, Query(max_length=128)] = None,
+    ) -> dict[str, Any]:
+        """Load a version now and keep it loaded until it is unloaded."""
+        resolved = await asyncio.to_thread(resolve, model_name, version)
+        await app.state.autoscaler.load_model(model_name, resolved)
+        return {"model": model_name, "version": resolved, "state": "loading"}
+
+    @app.delete(
+        "/autoscaler/unload",
+        tags=["autoscaler"],
+        dependencies=[Manage],
+        responses=MANAGEMENT_ERRORS,
+    )
+    async def unload(
+        model_name: Annotated[str, Query(max_length=128)],
+        version: Annotated[str | None, Query(max_length=128)] = None,
+    ) -> dict[str, Any]:
+        """Take a version to zero now; a later request brings it back."""
+        resolved = await asyncio.to_thread(resolve, model_name, version)
+        await app.state.autoscaler.unload_model(model_name, resolved)
+        return {"model": model_name, "version": resolved, "state": "unloading"}
+
+    @app.get("/autoscaler/metrics", tags=["autoscaler"])
+    def metrics(
+        window_seconds: Annotated[
+            int, Query(ge=1, le=metrics_settings().minute_retention_s)
+        ] = 3600,
+        model: Annotated[str | None, Query(max_length=300)] = None,
+    ) -> dict[str, Any]:
+        """SEED.md's key metrics over the window (``model``: one "name/version" only)."""
+        return dict(app.state.autoscaler.get_metrics(window_seconds, model=model))
+
+    @app.get("/models", tags=["models"])
+    def models() -> dict[str, Any]:
+        """Every registered model: versions, default, traffic split, input schema, queues."""
+        registry = {
+            keys.text(k): json.loads(v)
+            for k, v in app.state.autoscaler.store.client.hgetall(keys.REGISTRY).items()
+        }
+        depths = app.state.autoscaler.store.queue_depths()
+        status = app.state.autoscaler.store.status() or {}
+        result = {}
+        for name, entry in sorted(registry.items()):
+            versions = {}
+            for version, info in entry["versions"].items():
+                text = keys.model_key_text(name, version)
+                versions[version] = {
+                    "input": info["input"],
+                    "format": info["format"],
+                    "bytes": info["bytes"],
+                    "queued": depths.get(text, 0),
+                    "instances": status.get("instances", {}).get(text, 0),
+                }
+            result[name] = {
+                "default_version": entry["default_version"],
+                "traffic": entry.get("traffic", {}),
+                "versions": versions,
+            }
+        return {"models": result}
+
+    @app.get("/metrics", tags=["monitoring"], response_class=PlainTextResponse)
+    def prometheus() -> PlainTextResponse:
+        """Prometheus text exposition (counters since the metrics began, gauges of now)."""
+        body, content_type = render_metrics(app.state.autoscaler.store.client)
+        return PlainTextResponse(body, media_type=content_type)
+
+    # -- predictions ------------------------------------------------------------------------
+    async def run_prediction(request: PredictRequest, *, single: bool) -> JSONResponse:
+        model = request.model or settings.default_model
+        timeout = min(request.timeout or settings.default_timeout_s, settings.max_timeout_s)
+        started = time.perf_counter()
+        router = app.state.router
+        try:
+            version = await asyncio.to_thread(router.registry.resolve, model, request.version)
+            entry = await asyncio.to_thread(router.registry.entry, model)
+        except InferenceError as exc:
+            raise HTTPException(status_of(exc), detail=str(exc)) from None
+        schema = InputSchema(**entry["versions"][version]["input"])
+        array = _as_array(request.inputs, schema, single=single)
+        task_id = str(uuid.uuid4())
+        waiter: ResultWaiter = app.state.waiter
+        future = await waiter.subscribe(task_id)
+        try:
+            await asyncio.to_thread(
+                _queue, app.state.celery, single, model, version, array, request.priority,
+                timeout, task_id,
+            )  # fmt: skip
+            raw = await _await_result(
+                app, future, task_id, model, version, timeout, settings.cold_start_timeout_s
+            )
+        finally:
+            await waiter.release(task_id)
+        meta = app.state.celery.backend.decode_result(raw)
+        if meta["status"] != "SUCCESS":
+            error = app.state.celery.backend.exception_to_python(meta["result"])
+            raise HTTPException(status_of(error), detail=str(error))
+        outputs = meta["result"]
+        if isinstance(outputs, np.ndarray):
+            outputs = outputs.tolist()
+        body = PredictResponse(
+            model=model,
+            version=version,
+            outputs=outputs,
+            latency_ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+        return JSONResponse(body.model_dump())
+
+    @app.post("/predict", tags=["predict"], response_model=PredictResponse, responses=ERRORS)
+    async def predict(request: PredictRequest) -> JSONResponse:
+        """One input through a model (queued like ``predict.delay``)."""
+        return await run_prediction(request, single=True)
+
+    @app.post("/predict/batch", tags=["predict"], response_model=PredictResponse, responses=ERRORS)
+    async def predict_batch(request: PredictRequest) -> JSONResponse:
+        """A list of inputs through a model in one request; one output per input."""
+        return await run_prediction(request, single=False)
+
+    return app
+
+
+def _as_array(inputs: list[Any], schema: InputSchema, *, single: bool) -> np.ndarray:
+    try:
+        array = np.asarray(inputs, dtype=schema.np_dtype)
+    except (TypeError, ValueError, OverflowError):
+        raise _invalid(
+            "inputs", f"not a numeric array of {schema.describe()}{'' if single else ' rows'}"
+        ) from None
+    if single and tuple(array.shape) != schema.shape:
+        raise _invalid(
+            "inputs",
+            f"shape {list(array.shape)} does not match the model's input {schema.describe()}",
+        )
+    if not single and (
+        array.ndim != len(schema.shape) + 1 or tuple(array.shape[1:]) != schema.shape
+    ):
+        raise _invalid(
+            "inputs",
+            f"batch shape {list(array.shape)} is not [n>=1, "
+            f"{', '.join(map(str, schema.shape))}] for the model's input {schema.describe()}",
+        )
+    if not single and array.shape[0] == 0:
+        raise _invalid("inputs", "a batch needs at least one row")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise _invalid("inputs", "inputs must be finite numbers")
+    return array
+
+
+def _queue(
+    celery_app: Any,
+    single: bool,
+    model: str,
+    version: str,
+    array: np.ndarray,
+    priority: int,
+    timeout: float,
+    task_id: str,
+) -> None:
+    from tasks import predict, predict_batch
+
+    task = predict if single else predict_batch
+    task.apply_async(
+        (model, array),
+        {"version": version},
+        task_id=task_id,
+        priority=priority,
+        expires=timeout,
+        subscribe=False,
+    )
+
+
+async def _await_result(
+    app: FastAPI,
+    future: asyncio.Future[bytes],
+    task_id: str,
+    model: str,
+    version: str,
+    timeout: float,
+    cold_start_timeout: float,
+) -> bytes:
+    waiter: ResultWaiter = app.state.waiter
+    deadline = time.monotonic() + timeout
+    first = min(timeout, cold_start_timeout)
+    try:
+        return await asyncio.wait_for(asyncio.shield(future), first)
+    except asyncio.TimeoutError:
+        pass
+    await waiter.check_stored(task_id)
+    if future.done() and not future.cancelled():
+        return future.result()
+    ready = await asyncio.to_thread(_instance_ready, app, model, version)
+    if not ready:
+        # The caller is answered now; no worker should run it later.
+        await asyncio.to_thread(app.state.celery.control.revoke, task_id)
+        raise HTTPException(
+            503,
+            detail=f"no instance of {model}/{version} became ready within "
+            f"{cold_start_timeout:g} s (API_COLD_START_TIMEOUT_S); the request was withdrawn",
+        )
+    try:
+        return await asyncio.wait_for(
+            asyncio.shield(future), max(deadline - time.monotonic(), 0.001)
+        )
+    except asyncio.TimeoutError:
+        await waiter.check_stored(task_id)
+        if future.done() and not future.cancelled():
+            return future.result()
+        raise HTTPException(
+            504, detail=f"no answer from {model}/{version} within the timeout of {timeout:g} s"
+        ) from None
+
+
+def _instance_ready(app: FastAPI, model: str, version: str) -> bool:
+    """Whether some worker reports this version loaded and its queue consumed."""
+    client = app.state.autoscaler.store.client
+    names = [keys.text(h) for h in client.zrangebyscore(keys.WORKERS, time.time() - 10, "+inf")]
+    if not names:
+        return False
+    queue = keys.queue_name(model, version)
+    for raw in client.mget([keys.worker_report_key(h) for h in names]):
+        if raw is None:
+            continue
+        report = json.loads(raw)
+        loaded = {(m["name"], m["version"]) for m in report.get("models", [])}
+        if (model, version) in loaded and queue in report.get("queues", []):
+            return True
+    return False

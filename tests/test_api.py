@@ -1,0 +1,269 @@
+"""The HTTP API served by uvicorn on a loopback port, called over HTTP, with a real worker:
+every endpoint's success and error paths, metrics of a scripted workload, Prometheus text."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import redis
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from common import keys
+from loader.formats import load_module
+from loader.repository import ModelRepository
+from tests.helpers import ApiProcess, WorkerProcess, wait_for, write_slow_recorder
+
+pytestmark = pytest.mark.timeout(120)
+
+TOKEN = "test-token-7f3a"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+class Stack:
+    def __init__(self, api: ApiProcess, worker: WorkerProcess, repo: Path, redis_url: str) -> None:
+        self.api = api
+        self.worker = worker
+        self.repo = repo
+        self.http = httpx.Client(base_url=api.url, timeout=30)
+        self.redis = redis.Redis.from_url(redis_url)
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, example_repo: Path, redis_server: Any
+) -> Iterator[Stack]:
+    redis_server.start()
+    root = tmp_path_factory.mktemp("api")
+    repo = root / "repo"
+    shutil.copytree(example_repo, repo)
+    write_slow_recorder(repo, root / "slow.log", delay_s=3.0)
+    r = redis.Redis.from_url(redis_server.url)
+    r.flushall()
+    env = {"MODEL_REPOSITORY": str(repo)}
+    worker = WorkerProcess(
+        "api-w1",
+        queues=[keys.queue_name("example", "v1"), keys.queue_name("linear", "v1"),
+                keys.queue_name("slow", "v1")],
+        env={**env, "WORKER_MODELS": "example:v1,linear:v1,slow:v1"},
+        log_dir=root,
+    )  # fmt: skip
+    worker.wait_ready(r)
+    wait_for(
+        lambda: len((worker.report(r) or {}).get("models", [])) == 3,
+        timeout_s=60,
+        what="three models loaded",
+    )
+    api = ApiProcess(
+        "api",
+        env={**env, "API_TOKEN": TOKEN, "API_COLD_START_TIMEOUT_S": "2"},
+        log_dir=root,
+    )
+    api.wait_ready()
+    yield Stack(api, worker, repo, redis_server.url)
+    api.stop()
+    worker.stop(timeout_s=15)
+
+
+def expected(repo: Path, name: str, version: str, rows: np.ndarray) -> np.ndarray:
+    repository = ModelRepository(repo)
+    spec = repository.spec(name, version)
+    module = load_module(spec, repository.model_file(name, version, spec), torch.device("cpu"))
+    with torch.inference_mode():
+        return module(torch.from_numpy(rows)).numpy()
+
+
+def test_predict_single_and_batch(stack: Stack) -> None:
+    rows = np.array([[1, 2, 3], [4, 5, 6]], dtype=np.float32)
+    want = expected(stack.repo, "example", "v1", rows)
+    # SEED.md's body verbatim: no model named, the API's default model answers.
+    one = stack.http.post("/predict", json={"inputs": [1, 2, 3], "priority": 5, "timeout": 30.0})
+    assert one.status_code == 200, one.text
+    body = one.json()
+    assert (body["model"], body["version"]) == ("example", "v1")
+    np.testing.assert_allclose(body["outputs"], want[0], rtol=1e-5)
+    batch = stack.http.post(
+        "/predict/batch", json={"inputs": rows.tolist(), "priority": 1, "timeout": 60.0}
+    )
+    assert batch.status_code == 200, batch.text
+    np.testing.assert_allclose(batch.json()["outputs"], want, rtol=1e-5)
+    named = stack.http.post(
+        "/predict", json={"model": "linear", "version": "v1", "inputs": list(range(8))}
+    )
+    assert named.status_code == 200, named.text
+    assert len(named.json()["outputs"]) == 4
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "text"),
+    [
+        ({"model": "nope", "inputs": [1, 2, 3]}, 404, "unknown model 'nope'"),
+        ({"model": "linear", "version": "v9", "inputs": [1] * 8}, 404, "has no version 'v9'"),
+        ({"inputs": [1, 2]}, 422, "shape [2] does not match the model's input float32[3]"),
+        ({"inputs": ["a", "b", "c"]}, 422, "not a numeric array of float32[3]"),
+        ({"inputs": [1, 2, 3], "priority": 12}, 422, "priority"),
+        ({"inputs": [1, 2, 3], "colour": "red"}, 422, "colour"),
+        ({"inputs": [1, 2, 3], "timeout": -1}, 422, "timeout"),
+        ({"model": "../etc", "inputs": [1, 2, 3]}, 422, "model"),
+    ],
+)
+def test_bad_requests_are_answered_at_once(
+    stack: Stack, body: dict[str, Any], status: int, text: str
+) -> None:
+    started = time.monotonic()
+    response = stack.http.post("/predict", json=body)
+    assert response.status_code == status, response.text
+    assert text in response.text
+    assert time.monotonic() - started < 10  # never the request's timeout
+
+
+def test_bad_batch_and_malformed_json(stack: Stack) -> None:
+    response = stack.http.post("/predict/batch", json={"inputs": [[1, 2, 3], [1, 2]]})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "inputs"]
+    response = stack.http.post("/predict/batch", json={"inputs": []})
+    assert response.status_code == 422
+    response = stack.http.post(
+        "/predict", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422
+
+
+def test_oversized_body_is_413(stack: Stack) -> None:
+    big = b'{"inputs": [' + b"1," * (9 * 1024 * 1024) + b"1]}"
+    response = stack.http.post(
+        "/predict", content=big, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 413
+    assert "MAX_PAYLOAD_BYTES" in response.text
+
+
+def test_timeout_is_504_and_no_instance_is_503(stack: Stack) -> None:
+    # slow/v1 is loaded and consumed but takes 3 s: a 1 s timeout answers 504.
+    started = time.monotonic()
+    response = stack.http.post(
+        "/predict", json={"model": "slow", "inputs": [1.0] * 4, "timeout": 1.0}
+    )
+    assert response.status_code == 504, response.text
+    assert "within the timeout of 1 s" in response.text
+    assert time.monotonic() - started < 5
+    # linear/v2: nobody serves it and no scaler runs: 503 after API_COLD_START_TIMEOUT_S.
+    started = time.monotonic()
+    response = stack.http.post(
+        "/predict", json={"model": "linear", "version": "v2", "inputs": [1] * 8, "timeout": 20}
+    )
+    assert response.status_code == 503, response.text
+    assert "no instance of linear/v2 became ready within 2 s" in response.text
+    assert time.monotonic() - started < 10
+
+
+def test_management_needs_the_token(stack: Stack) -> None:
+    url = "/autoscaler/scale?model_name=linear&target_instances=2"
+    assert stack.http.post(url).status_code == 401
+    wrong = stack.http.post(url, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    ok = stack.http.post(url + "&version=v2", headers=AUTH)
+    assert ok.status_code == 200, ok.text
+    assert ok.json() == {"model": "linear", "version": "v2", "target_instances": 2}
+    import json
+
+    override = json.loads(stack.redis.hget(keys.OVERRIDES, "linear/v2"))
+    assert override == {"instances": 2}
+    assert stack.http.post("/autoscaler/load?model_name=tiny_mlp", headers=AUTH).json() == {
+        "model": "tiny_mlp",
+        "version": "v1",
+        "state": "loading",
+    }
+    assert json.loads(stack.redis.hget(keys.OVERRIDES, "tiny_mlp/v1")) == {"load": True}
+    unload = stack.http.delete("/autoscaler/unload?model_name=tiny_mlp&version=v1", headers=AUTH)
+    assert unload.status_code == 200
+    assert "unload_at" in json.loads(stack.redis.hget(keys.OVERRIDES, "tiny_mlp/v1"))
+    assert stack.http.post("/autoscaler/load?model_name=nope", headers=AUTH).status_code == 404
+    negative = stack.http.post(
+        "/autoscaler/scale?model_name=linear&target_instances=-1", headers=AUTH
+    )
+    assert negative.status_code == 422
+    stack.redis.hdel(keys.OVERRIDES, "linear/v2", "tiny_mlp/v1")
+
+
+def test_metrics_of_a_scripted_workload(stack: Stack) -> None:
+    def requests_so_far() -> int:
+        window = stack.http.get("/autoscaler/metrics?window_seconds=3600&model=linear/v1")
+        return int(window.json()["requests"])
+
+    before = requests_so_far()
+    for i in range(30):
+        response = stack.http.post("/predict", json={"model": "linear", "inputs": [i] * 8})
+        assert response.status_code == 200
+    for _ in range(3):  # refused by the API: never queued, never counted
+        assert (
+            stack.http.post("/predict", json={"model": "linear", "inputs": [1]}).status_code == 422
+        )
+    wait_for(lambda: requests_so_far() - before >= 30, timeout_s=20, what="30 requests recorded")
+    window = stack.http.get("/autoscaler/metrics?window_seconds=3600&model=linear/v1").json()
+    assert window["requests"] - before == 30
+    assert window["errors"] == 0 and window["error_rate_percent"] == 0.0
+    m = window["models"]["linear/v1"]
+    assert 0 < m["p50_response_time_ms"] <= m["p95_response_time_ms"] <= m["p99_response_time_ms"]
+    assert m["cache_hit_rate"] == 1.0  # preloaded
+    assert window["cpu_usage_percent"] is not None and window["memory_rss_bytes"] > 0
+    assert window["gpu"] == "no GPU reported by any worker"
+    # the key metrics SEED.md's dashboard prints
+    for key in ("active_instances", "requests_per_second", "average_response_time_ms",
+                "error_rate_percent", "scale_up_events", "cold_starts", "popularity"):  # fmt: skip
+        assert key in window
+    assert window["queue_depths"]["small_cnn/v1"] == 0  # every model queue, those at zero too
+    bad = stack.http.get("/autoscaler/metrics?window_seconds=0")
+    assert bad.status_code == 422
+    too_long = stack.http.get("/autoscaler/metrics?window_seconds=99999999")
+    assert too_long.status_code == 422
+
+    text = stack.http.get("/metrics")
+    assert text.status_code == 200
+    families = {f.name: f for f in text_string_to_metric_families(text.text)}
+    requests = {
+        (s.labels["model"], s.labels["version"]): s.value
+        for s in families["inference_requests"].samples
+        if s.name == "inference_requests_total"
+    }
+    assert requests[("linear", "v1")] >= 30
+    histogram = families["inference_request_duration_seconds"]
+    count = next(
+        s.value
+        for s in histogram.samples
+        if s.name.endswith("_count") and s.labels["model"] == "linear"
+    )
+    assert count == requests[("linear", "v1")]
+    buckets = [
+        s.value
+        for s in histogram.samples
+        if s.name.endswith("_bucket") and s.labels["model"] == "linear"
+    ]
+    assert buckets == sorted(buckets) and buckets[-1] == count
+    assert "inference_queue_depth" in families
+    workers = {s.labels["worker"] for s in families["inference_worker_rss_bytes"].samples}
+    assert stack.worker.hostname in workers
+
+
+def test_read_endpoints_and_schema(stack: Stack) -> None:
+    models = stack.http.get("/models").json()["models"]
+    assert set(models) >= {"example", "linear", "tiny_mlp", "small_cnn", "slow"}
+    assert models["linear"]["versions"]["v2"]["input"] == {"dtype": "float32", "shape": [8]}
+    stats = stack.http.get("/autoscaler/stats").json()
+    assert set(stats["queues"]) >= {"linear/v2", "small_cnn/v1", "tiny_mlp/v1"}
+    health = stack.http.get("/autoscaler/health").json()
+    assert health["redis"] == "ok"
+    schema = stack.http.get("/openapi.json").json()
+    assert set(schema["paths"]) >= {
+        "/autoscaler/stats", "/autoscaler/health", "/autoscaler/scale", "/autoscaler/load",
+        "/autoscaler/unload", "/autoscaler/metrics", "/predict", "/predict/batch", "/models",
+        "/metrics",
+    }  # fmt: skip
+    assert "HTTPBearer" in schema["components"]["securitySchemes"]

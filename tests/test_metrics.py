@@ -1,0 +1,266 @@
+"""Metrics history and alert rules against the test Redis: exact counts, percentiles
+within one histogram bucket, roll-up into minutes, retention, and alert fire / cooldown /
+resolve with a local webhook receiver."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+
+from common import keys
+from common.settings import MetricsSettings
+from loader.batching import Item, Outcome
+from loader.cache import ModelKey
+from monitoring.alerts import AlertManager, active_alerts, history
+from monitoring.metrics import (
+    LATENCY_BOUNDS_MS,
+    MetricsHistory,
+    MetricsRecorder,
+    latency_bucket,
+)
+from tests.helpers import wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+NOW = 1_800_000_000.0  # a fixed epoch second: buckets do not depend on the wall clock
+SETTINGS = MetricsSettings(second_retention_s=3600, minute_retention_s=86400)
+
+
+def outcome(
+    model: ModelKey | None, latency_ms: float, *, error: bool = False, **kw: Any
+) -> Outcome:
+    item = Item(key=model, inputs=None, single=True, ticket=None, received=0.0, **kw)  # type: ignore[arg-type]
+    return Outcome(
+        item,
+        error=RuntimeError("boom") if error else None,
+        batch_size=kw.get("batch", 4),
+        started=0.0,
+        finished=latency_ms / 1000,
+    )
+
+
+def test_window_counts_are_exact_and_percentiles_within_a_bucket(client: redis.Redis) -> None:
+    recorder = MetricsRecorder(client, SETTINGS)
+    rng = np.random.default_rng(0)
+    latencies = rng.lognormal(mean=1.5, sigma=0.8, size=500)  # ms, ~1-60
+    key = ModelKey("tiny_mlp", "v1")
+    for i, ms in enumerate(latencies):
+        # spread over 10 seconds; every 25th request fails
+        recorder.observe([outcome(key, float(ms), error=i % 25 == 0)], now=NOW - 9 + i % 10)
+    recorder.observe([outcome(ModelKey("linear", "v2"), 3.0)], now=NOW)
+    recorder.observe([outcome(None, 1.0)], now=NOW)  # a request with a bad model name
+    assert recorder.flush() == 10
+
+    result = MetricsHistory(client, SETTINGS).window(10, now=NOW)
+    m = result["models"]["tiny_mlp/v1"]
+    assert m["requests"] == 500
+    assert m["errors"] == 20
+    assert m["error_rate_percent"] == 4.0
+    assert m["requests_per_second"] == 50.0
+    assert m["average_response_time_ms"] == pytest.approx(latencies.mean(), abs=1e-3)
+    for q, name in ((0.5, "p50"), (0.95, "p95"), (0.99, "p99")):
+        true = float(np.quantile(latencies, q))
+        got = m[f"{name}_response_time_ms"]
+        index = latency_bucket(true)
+        lower = LATENCY_BOUNDS_MS[index - 1] if index else 0.0
+        # the reported value lies in the true percentile's bucket or a neighbour (ties)
+        assert LATENCY_BOUNDS_MS[max(index - 2, 0)] <= got <= LATENCY_BOUNDS_MS[index + 1], (
+            name,
+            true,
+            got,
+            lower,
+        )
+    assert result["requests"] == 501
+    assert result["rejected_requests"] == 1
+    assert set(result["models"]) == {"tiny_mlp/v1", "linear/v2"}
+    # one model only
+    only = MetricsHistory(client, SETTINGS).window(10, now=NOW, model="linear/v2")
+    assert only["requests"] == 1 and set(only["models"]) == {"linear/v2"}
+    # a window that ends before the data saw none of it
+    assert MetricsHistory(client, SETTINGS).window(5, now=NOW - 10)["requests"] == 0
+
+
+def test_minute_buckets_roll_up_and_buckets_expire(client: redis.Redis) -> None:
+    settings = MetricsSettings(second_retention_s=60, minute_retention_s=7200)
+    recorder = MetricsRecorder(client, settings)
+    key = ModelKey("linear", "v1")
+    start = int(NOW) // 60 * 60
+    for minute in range(5):
+        for _ in range(minute + 1):
+            recorder.observe([outcome(key, 2.0)], now=start - minute * 60 + 5)
+    recorder.flush()
+    history_ = MetricsHistory(client, settings)
+    # Over 60 s the seconds are read; beyond, the minutes.
+    assert history_.window(60, now=start + 30)["resolution_seconds"] == 1
+    wide = history_.window(600, now=start + 30)
+    assert wide["resolution_seconds"] == 60
+    assert wide["requests"] == 15
+    ttl_s = client.ttl(keys.metrics_second_key(start + 5))
+    ttl_m = client.ttl(keys.metrics_minute_key(start // 60))
+    assert 0 < ttl_s <= 60 and 3600 < ttl_m <= 7200
+    with pytest.raises(ValueError, match="METRICS_MINUTE_RETENTION_S"):
+        history_.window(7201, now=start)
+
+
+def test_worker_gauges_and_no_gpu_state(client: redis.Redis) -> None:
+    recorder = MetricsRecorder(client, SETTINGS)
+    for t in range(4):
+        recorder.gauge("w", "w1@h", {"cpu": 50.0 + t, "rss": 1e9, "mem": 40.0}, NOW - t)
+        recorder.gauge(
+            "w",
+            "w2@h",
+            {"cpu": 10.0, "rss": 2e9, "mem": 60.0, "gpu_util": 30, "gpu_mem": 5e9, "gpu_n": 1},
+            NOW - t,
+        )
+    recorder.flush()
+    result = MetricsHistory(client, SETTINGS).window(4, now=NOW)
+    assert result["workers"]["w1@h"]["cpu_percent"] == 51.5
+    assert result["workers"]["w1@h"]["gpu_utilization_percent"] is None
+    assert result["cpu_usage_percent"] == pytest.approx((51.5 + 10.0) / 2, abs=0.1)
+    assert result["memory_usage_percent"] == 60.0
+    assert result["memory_rss_bytes"] == 3_000_000_000
+    assert result["gpu_utilization_percent"] == 30.0
+    only_cpu = MetricsRecorder(client, SETTINGS)
+    client.flushall()
+    only_cpu.gauge("w", "w1@h", {"cpu": 5.0, "rss": 1.0, "mem": 1.0}, NOW)
+    only_cpu.flush()
+    result = MetricsHistory(client, SETTINGS).window(1, now=NOW)
+    assert result["gpu_utilization_percent"] is None
+    assert result["gpu"] == "no GPU reported by any worker"
+
+
+def test_failed_flush_keeps_data_for_the_next(client: redis.Redis, redis_server: Any) -> None:
+    recorder = MetricsRecorder(redis.Redis.from_url(redis_server.url, socket_timeout=2), SETTINGS)
+    recorder.observe([outcome(ModelKey("linear", "v1"), 1.0)], now=NOW)
+    redis_server.stop()
+    try:
+        with pytest.raises(redis.ConnectionError):
+            recorder.flush()
+        recorder.observe([outcome(ModelKey("linear", "v1"), 1.0)], now=NOW)
+    finally:
+        redis_server.start()
+    wait_for(lambda: _flushed(recorder), timeout_s=20, what="a flush after the restart")
+    fresh = redis.Redis.from_url(redis_server.url)
+    assert MetricsHistory(fresh, SETTINGS).window(1, now=NOW)["requests"] == 2
+
+
+def _flushed(recorder: MetricsRecorder) -> bool:
+    try:
+        recorder.flush()
+        return True
+    except redis.RedisError:
+        return False
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    received: list[dict[str, Any]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).received.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        return None
+
+
+def test_alert_fires_once_repeats_after_cooldown_and_resolves(client: redis.Redis) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Receiver.received = []
+    url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(keys.ALERTS_CHANNEL)
+    manager = AlertManager(
+        client,
+        {"error_rate_percent": 5.0, "queue_depth": 100},
+        window_s=60,
+        cooldown_s=30,
+        webhook_url=url,
+        webhook_timeout_s=2,
+    )
+    bad = {"models": {"linear/v1": {"requests": 100, "error_rate_percent": 12.0}}}
+    good = {"models": {"linear/v1": {"requests": 100, "error_rate_percent": 1.0}}}
+    try:
+        events = manager.evaluate(bad, {"linear/v1": 5}, NOW)
+        assert [(e["alert"], e["state"]) for e in events] == [
+            ("error_rate_percent:linear/v1", "firing")
+        ]
+        assert "error rate of linear/v1 is 12.0%" in events[0]["message"]
+        assert manager.evaluate(bad, {}, NOW + 10) == []  # within the cooldown: quiet
+        again = manager.evaluate(bad, {}, NOW + 31)
+        assert [e["state"] for e in again] == ["repeat"]
+        deep = manager.evaluate(bad, {"linear/v1": 500}, NOW + 32)
+        assert [(e["alert"], e["state"]) for e in deep] == [("queue_depth:linear/v1", "firing")]
+        assert set(active_alerts(client)) == {
+            "error_rate_percent:linear/v1",
+            "queue_depth:linear/v1",
+        }
+        resolved = manager.evaluate(good, {}, NOW + 40)
+        assert sorted(e["state"] for e in resolved) == ["resolved", "resolved"]
+        assert active_alerts(client) == {}
+        states = [e["state"] for e in history(client)]
+        assert states == ["resolved", "resolved", "firing", "repeat", "firing"]
+        # a restarted scaler takes the active set from Redis: no second "firing"
+        manager.evaluate(bad, {}, NOW + 50)
+        restarted = AlertManager(client, {"error_rate_percent": 5.0}, window_s=60, cooldown_s=30)
+        assert restarted.evaluate(bad, {}, NOW + 51) == []
+        published: list[dict[str, Any]] = []
+
+        def six_published() -> bool:
+            message = pubsub.get_message(timeout=0.2)
+            if message is not None:
+                published.append(json.loads(message["data"]))
+            return len(published) >= 6
+
+        wait_for(six_published, timeout_s=10, what="alert events on the channel")
+        assert [e["state"] for e in published][:6] == [
+            "firing", "repeat", "firing", "resolved", "resolved", "firing"
+        ]  # fmt: skip
+        wait_for(lambda: len(_Receiver.received) >= 5, timeout_s=10, what="webhook posts")
+        posted = [e["state"] for body in _Receiver.received for e in body["events"]]
+        assert sorted(posted) == sorted(
+            ["firing", "repeat", "firing", "resolved", "resolved", "firing"]
+        )
+    finally:
+        server.shutdown()
+        pubsub.close()
+
+
+def test_webhook_failure_does_not_stop_evaluation(client: redis.Redis) -> None:
+    calls: list[str] = []
+
+    def post(url: str, body: bytes, timeout_s: float) -> None:
+        calls.append(url)
+        raise OSError("connection refused")
+
+    manager = AlertManager(
+        client,
+        {"cpu_usage_percent": 80.0},
+        window_s=60,
+        cooldown_s=0,
+        webhook_url="http://127.0.0.1:9/none",
+        post=post,
+    )
+    events = manager.evaluate({"cpu_usage_percent": 95.0, "models": {}}, {}, NOW)
+    assert events[0]["alert"] == "cpu_usage_percent"
+    wait_for(lambda: calls, timeout_s=5, what="the webhook attempt")
+    assert (
+        manager.evaluate({"cpu_usage_percent": 95.0, "models": {}}, {}, NOW + 1)[0]["state"]
+        == "repeat"
+    )
+
+
+def test_unknown_alert_threshold_is_refused() -> None:
+    from common.errors import ConfigError
+    from scaler.config import AutoscalerConfig
+
+    with pytest.raises(ConfigError, match="unknown alert thresholds \\['gpu_fan'\\]"):
+        AutoscalerConfig(alert_thresholds={"gpu_fan": 3.0})
