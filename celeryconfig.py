@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ssl
 
+from kombu.transport import TRANSPORT_ALIASES
+
 from common import keys
 from common.redis import redis_client
 from common.settings import serving_settings, worker_settings
@@ -26,8 +28,9 @@ result_backend = _serving.backend_url
 broker_use_ssl = _tls_options(broker_url)
 redis_backend_use_ssl = _tls_options(result_backend)
 broker_connection_retry_on_startup = True
-if broker_url.startswith(("redis://", "rediss://")):
-    broker_transport = "tasks.transport:Transport"
+# The project's Redis transport (batch fetch) under kombu's own "redis" names, so that the
+# broker URL keeps its scheme for tools that read it back (Flower's queue lengths).
+TRANSPORT_ALIASES["redis"] = TRANSPORT_ALIASES["rediss"] = "tasks.transport:Transport"
 
 # No pickle anywhere: JSON for small inputs, msgpack with raw array bytes for arrays.
 task_serializer = "json"

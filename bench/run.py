@@ -37,6 +37,14 @@ def main() -> None:
             "Scaling (local backend; workers started as processes on this host)", scaling_rows
         )
         rows += scaling_rows
+        from bench import monitoring
+
+        monitoring_rows = monitoring.run(env, work)
+        print_table(
+            "Monitoring (metrics recording on/off; the HTTP API against predict.delay)",
+            monitoring_rows,
+        )
+        rows += monitoring_rows
     write_results(rows)
     print("\nwrote bench/results/latest.json")
 

@@ -10,6 +10,7 @@ in-process path (``predict(...)`` called directly, ``apply()``).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from celery import Task
@@ -54,6 +55,8 @@ class PredictTask(Task):
             assert route is not None
             result = publish(self, route["queue"].name, args, kwargs, options, subscribe=subscribe)
         else:
+            # For the queue-wait metric, as the fast path does.
+            options["headers"] = {**(options.get("headers") or {}), "published_at": time.time()}
             result = super().apply_async(args, kwargs, *rest, **options)
         version = kwargs.get("version")
         if version and isinstance(router, ModelRouter):

@@ -14,7 +14,14 @@ import pytest
 import yaml
 
 from common.redis import die_with_parent, free_port
-from common.settings import FlowerSettings, ScalerSettings, ServingSettings, WorkerSettings
+from common.settings import (
+    ApiSettings,
+    FlowerSettings,
+    MetricsSettings,
+    ScalerSettings,
+    ServingSettings,
+    WorkerSettings,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -23,7 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def known_variables() -> set[str]:
     names = set()
-    for cls in (ServingSettings, WorkerSettings, ScalerSettings, FlowerSettings):
+    for cls in (
+        ServingSettings, WorkerSettings, ScalerSettings, FlowerSettings, MetricsSettings,
+        ApiSettings,
+    ):  # fmt: skip
         prefix = cls.model_config.get("env_prefix", "")
         names |= {f"{prefix}{field}".upper() for field in cls.model_fields}
     return names
@@ -36,16 +46,26 @@ def compose() -> dict[str, Any]:
 
 def test_every_service_runs_a_command_of_this_project(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert {"redis", "beat", "flower"} <= set(services)
+    assert {"redis", "beat", "flower", "api", "prometheus"} <= set(services)
     assert any(name.startswith("worker") for name in services)
     for name, service in services.items():
         if "build" not in service:
             continue
         command = service["command"]
+        if command[:2] == ["python", "-m"]:
+            module = ROOT / command[2]
+            assert (module / "__main__.py").is_file() or module.with_suffix(".py").is_file()
+            continue
         assert command[:3] == ["celery", "-A", "workers"], name
         assert command[3] in {"worker", "beat", "flower"}, name
     assert (ROOT / "workers.py").is_file() and (ROOT / "flowerconfig.py").is_file()
     assert (ROOT / "Dockerfile").is_file()
+    # Prometheus scrapes the API service by its compose name and port.
+    scrape = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    target = scrape["scrape_configs"][0]["static_configs"][0]["targets"][0]
+    assert target == f"api:{ApiSettings().port}"
+    for volume in services["prometheus"]["volumes"]:
+        assert (ROOT / volume.split(":")[0]).exists()
 
 
 def test_every_environment_variable_is_a_setting(compose: dict[str, Any]) -> None:
@@ -65,6 +85,9 @@ def test_redis_persists_workers_reserve_a_gpu_flower_is_protected(compose: dict[
     flower = services["flower"]
     assert all(str(port).startswith("127.0.0.1:") for port in flower["ports"])
     assert "FLOWER_BASIC_AUTH" in flower["environment"]
+    api = services["api"]
+    assert all(str(port).startswith("127.0.0.1:") for port in api["ports"])
+    assert "API_TOKEN" in api["environment"]
 
 
 def test_flower_listens_on_loopback_by_default(redis_server: Any, tmp_path: Path) -> None:

@@ -264,3 +264,61 @@ def test_unknown_alert_threshold_is_refused() -> None:
 
     with pytest.raises(ConfigError, match="unknown alert thresholds \\['gpu_fan'\\]"):
         AutoscalerConfig(alert_thresholds={"gpu_fan": 3.0})
+
+
+def test_the_scaler_records_fleet_metrics_and_alerts_reach_callbacks(
+    client: redis.Redis, test_repo: Any
+) -> None:
+    """The leader's tick writes fleet metrics and evaluates the rules; every process's
+    ``add_alert_callback`` callbacks hear the events, a failing one stopping none."""
+    import time
+
+    from loader.registry import publish_registry
+    from loader.repository import ModelRepository
+    from scaler.autoscaler import Autoscaler
+    from scaler.backends import StaticBackend
+    from scaler.config import AutoscalerConfig
+    from scaler.loop import ScalerLoop
+    from workers import app
+
+    publish_registry(client, ModelRepository(test_repo).registry())
+    config = AutoscalerConfig(
+        backend="static", alert_thresholds={"queue_depth": 5}, alert_cooldown_seconds=60
+    )
+    loop = ScalerLoop(config, client=client, app=app, backend=StaticBackend())
+    autoscaler = Autoscaler(config, run_scaler=False)
+    heard: list[tuple[str, str]] = []
+
+    def broken(key: str, message: str) -> None:
+        raise RuntimeError("a broken callback")
+
+    autoscaler.add_alert_callback(broken)
+    autoscaler.add_alert_callback(lambda key, message: heard.append((key, message)))
+    try:
+        client.lpush(keys.queue_name("linear", "v1"), *[f"waiting-{i}" for i in range(8)])
+        now = time.time()
+        loop.tick(now)
+        wait_for(lambda: heard, timeout_s=10, what="the alert callback")
+        assert heard[0][0] == "queue_depth:linear/v1"
+        assert "queue depth of linear/v1 is 8.0 requests" in heard[0][1]
+        loop.tick(now + 1)  # still deep, within the cooldown: nothing new
+        client.delete(keys.queue_name("linear", "v1"))
+        loop.tick(now + 2)
+        wait_for(lambda: len(heard) >= 2, timeout_s=10, what="the resolution")
+        assert heard[1][0] == "queue_depth:linear/v1"
+        assert heard[1][1].startswith("resolved")
+        assert len(heard) == 2
+        alerts = autoscaler.get_alerts()
+        assert alerts["active"] == {}
+        assert [e["state"] for e in alerts["history"]] == ["resolved", "firing"]
+        # three ticks recorded: the queue seen twice at 8, no instance
+        window = MetricsHistory(client, MetricsSettings()).window(5, now=now + 2)
+        assert window["models"]["linear/v1"]["average_queue_depth"] == pytest.approx(
+            16 / 3, abs=1e-3
+        )
+        assert window["average_total_instances"] == 0.0
+        assert window["cold_starts"] == 1 and window["scale_up_events"] == 1
+    finally:
+        import asyncio
+
+        asyncio.run(autoscaler.stop())

@@ -1,0 +1,67 @@
+"""HTTP load generator, run in its own process: ``python -m bench.http_load --url ...``.
+
+Keeps ``--outstanding`` ``POST /predict`` requests in flight for ``--seconds`` (one event
+loop, one connection per outstanding request) and prints one JSON line of figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+
+import httpx
+import numpy as np
+
+SHAPES = {"tiny_mlp": (64,), "small_cnn": (3, 64, 64)}
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--outstanding", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+
+    rng = np.random.default_rng(0)
+    bodies = [
+        {"model": args.model, "inputs": rng.standard_normal(SHAPES[args.model]).tolist()}
+        for _ in range(16)
+    ]
+    limits = httpx.Limits(max_connections=args.outstanding + 4)
+    async with httpx.AsyncClient(base_url=args.url, timeout=60, limits=limits) as client:
+        for i in range(20):  # warm: connections, the model
+            (await client.post("/predict", json=bodies[i % 16])).raise_for_status()
+        latencies: list[float] = []
+        deadline = time.perf_counter() + args.seconds
+
+        async def user(k: int) -> None:
+            i = k
+            while time.perf_counter() < deadline:
+                t0 = time.perf_counter()
+                response = await client.post("/predict", json=bodies[i % 16])
+                response.raise_for_status()
+                latencies.append(time.perf_counter() - t0)
+                i += args.outstanding
+
+        started = time.perf_counter()
+        await asyncio.gather(*(user(k) for k in range(args.outstanding)))
+        elapsed = time.perf_counter() - started
+    lat = np.asarray(latencies) * 1000
+    print(
+        json.dumps(
+            {
+                "completed": len(latencies),
+                "elapsed_s": elapsed,
+                "throughput": len(latencies) / elapsed,
+                "p50_ms": float(np.percentile(lat, 50)),
+                "p99_ms": float(np.percentile(lat, 99)),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
