@@ -2,9 +2,10 @@
 
 Starts a private Redis-compatible server (unless REDIS_URL is set), writes the example
 models, runs the scaler (the same loop ``celery -A workers beat`` runs) and sends traffic:
-a first request from zero, a burst, a second model on demand, two versions side by side,
-then silence until everything is back to zero and no worker process runs. It prints a
-timeline of instances and queue depth and a summary of the scaling decisions.
+a first request from zero, a burst, round robin across two instances, a second model on
+demand, two versions side by side, then silence until everything is back to zero and no
+worker process runs. It prints a timeline of instances and queue depth, the scaling
+decisions, the alerts raised, and the metrics history of the run.
 """
 
 from __future__ import annotations
@@ -98,7 +99,13 @@ async def run(server: Any) -> int:
     import numpy as np
 
     from loader.examples import write_examples
-    from scaler import Autoscaler, AutoscalerConfig, ColdStartStrategy, ZeroScalingConfig
+    from scaler import (
+        Autoscaler,
+        AutoscalerConfig,
+        ColdStartStrategy,
+        LoadBalancingStrategy,
+        ZeroScalingConfig,
+    )
     from tasks import predict
 
     write_examples(os.environ["MODEL_REPOSITORY"])
@@ -114,6 +121,8 @@ async def run(server: Any) -> int:
         ),
     )
     autoscaler = Autoscaler(config)
+    alerts: list[str] = []
+    autoscaler.add_alert_callback(lambda key, message: alerts.append(f"{key}: {message}"))
     await autoscaler.start()
     timeline = Timeline(autoscaler)
     timeline.start()
@@ -139,7 +148,27 @@ async def run(server: Any) -> int:
             f"tiny_mlp peaked at {peak} instances"
         )
 
-        timeline.phase = "3. second model on demand"
+        timeline.phase = "3. round robin over 2 instances"
+        await autoscaler.scale_model("tiny_mlp", 2)
+        await wait_until(
+            lambda: len(autoscaler.get_health_status()["instances"].get("tiny_mlp/v1", {})) == 2,
+            timeout_s=60,
+        )
+        await autoscaler.set_load_balancing("tiny_mlp", LoadBalancingStrategy.ROUND_ROBIN)
+        before = served_by_worker(autoscaler)
+        results = [predict.delay("tiny_mlp", inputs[i % 16]) for i in range(600)]
+        await asyncio.to_thread(lambda: [r.get(timeout=120) for r in results])
+        await wait_until(  # the workers' next reports
+            lambda: sum(served_by_worker(autoscaler).values()) - sum(before.values()) >= 600,
+            timeout_s=10,
+        )
+        after = served_by_worker(autoscaler)
+        shares = sorted(after[w] - before.get(w, 0) for w in after if after[w] > before.get(w, 0))
+        summary.append(f"round robin: 600 tiny_mlp requests split {shares} over the instances")
+        await autoscaler.set_load_balancing("tiny_mlp", None)
+        await autoscaler.scale_model("tiny_mlp", None)
+
+        timeline.phase = "4. second model on demand"
         t0 = time.monotonic()
         out = await autoscaler.predict(
             "small_cnn", rng.standard_normal((3, 64, 64)).astype(np.float32)
@@ -149,14 +178,14 @@ async def run(server: Any) -> int:
             f"(output {out.shape})"
         )
 
-        timeline.phase = "4. linear v1 and v2 side by side"
+        timeline.phase = "5. linear v1 and v2 side by side"
         x = [1.0] * 8
         v1 = await autoscaler.predict("linear", x, version="v1")
         v2 = await autoscaler.predict("linear", x, version="v2")
         summary.append(f"linear v1 -> {[round(v, 3) for v in v1]}")
         summary.append(f"linear v2 -> {[round(v, 3) for v in v2]} (different weights)")
 
-        timeline.phase = "5. idle: back to zero"
+        timeline.phase = "6. idle: back to zero"
         t0 = time.monotonic()
         empty = await wait_until(lambda: not autoscaler.get_stats()["workers"], timeout_s=60)
         summary.append(
@@ -175,10 +204,42 @@ async def run(server: Any) -> int:
         print(
             f"  {t:6.1f}s  {d['model']}/{d['version']}: {d['from']} -> {d['to']}  ({d['reason']})"
         )
+    print_metrics(autoscaler.get_metrics(int(time.monotonic() - timeline.started) + 5))
+    print("\nAlerts raised")
+    for line in alerts or ["none"]:
+        print(f"  - {line}")
     print("\nSummary")
     for line in summary:
         print(f"  - {line}")
     return 0 if "did not reach zero" not in summary[-1] else 1
+
+
+def served_by_worker(autoscaler: Any) -> dict[str, int]:
+    reports = autoscaler._reports()
+    return {name: int(r.get("served", 0)) for name, r in reports.items()}
+
+
+def print_metrics(m: dict[str, Any]) -> None:
+    print(f"\nMetrics of the run (last {m['window_seconds']} s, from the history in Redis)")
+    print(
+        f"  requests {m['requests']}, errors {m['errors']}, "
+        f"{m['requests_per_second']} requests/s on average; "
+        f"scale-ups {m['scale_up_events']} (cold starts {m['cold_starts']}), "
+        f"scale-downs {m['scale_down_events']}"
+    )
+    print(f"  {'model':16} {'requests':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
+          f"{'batch':>6} {'loads':>5} {'load ms':>8} {'hit rate':>8}")  # fmt: skip
+    for model, s in m["models"].items():
+        print(
+            f"  {model:16} {s['requests']:>8} {s['p50_response_time_ms'] or 0:>8.2f} "
+            f"{s['p95_response_time_ms'] or 0:>8.2f} {s['p99_response_time_ms'] or 0:>8.2f} "
+            f"{s['average_batch_size'] or 0:>6.1f} {s['model_loads']:>5} "
+            f"{s['average_load_time_ms'] or 0:>8.0f} {s['cache_hit_rate'] or 0:>8.3f}"
+        )
+    print(
+        f"  workers: CPU {m['cpu_usage_percent']}% on average, RSS {m['memory_rss_bytes']} "
+        f"bytes, GPU: {m['gpu']}"
+    )
 
 
 def main() -> int:

@@ -49,6 +49,7 @@ from common.errors import (
 )
 from common.settings import ApiSettings, api_settings, metrics_settings, serving_settings
 from loader.spec import InputSchema
+from scaler.config import LoadBalancingStrategy
 
 logger = logging.getLogger(__name__)
 
@@ -66,12 +67,35 @@ class PredictRequest(BaseModel):
     model: str | None = Field(
         None, pattern=NAME_PATTERN, description="Model name; default: API_DEFAULT_MODEL."
     )
+    key: str | None = Field(
+        None, max_length=256, description="Routing key of the consistent_hash strategy."
+    )
     version: str | None = Field(
         None, pattern=NAME_PATTERN, description="Version; default: the traffic split or default."
     )
     priority: int = Field(0, ge=0, le=9, description="0 (default) to 9 (most urgent).")
     timeout: float | None = Field(
         None, gt=0, le=3600, description="Seconds to wait for the answer (API_DEFAULT_TIMEOUT_S)."
+    )
+
+
+Weight = Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]
+
+
+class TrafficSplit(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    weights: dict[Annotated[str, Field(pattern=NAME_PATTERN)], Weight] | None = Field(
+        None, description='Share per version, e.g. {"v1": 90, "v2": 10} (a canary at 10%).'
+    )
+    default_version: str | None = Field(None, pattern=NAME_PATTERN)
+
+
+class InstanceWeights(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    weights: dict[Annotated[str, Field(max_length=300)], Weight] | None = Field(
+        None, description="Weight per instance (worker hostname) for weighted_round_robin."
     )
 
 
@@ -294,6 +318,57 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         await app.state.autoscaler.unload_model(model_name, resolved)
         return {"model": model_name, "version": resolved, "state": "unloading"}
 
+    @app.post(
+        "/autoscaler/traffic", tags=["autoscaler"], dependencies=[Manage],
+        responses={**MANAGEMENT_ERRORS, 422: {"model": ErrorResponse}},
+    )  # fmt: skip
+    async def traffic(
+        model_name: Annotated[str, Query(max_length=128)], split: TrafficSplit
+    ) -> dict[str, Any]:
+        """Split the requests that name no version by weight, or set the default version."""
+        if not split.weights and not split.default_version:
+            raise _invalid("weights", "give weights with a positive sum or a default_version")
+        try:
+            return dict(
+                await app.state.autoscaler.set_traffic_split(
+                    model_name, split.weights or None, default_version=split.default_version
+                )
+            )
+        except InferenceError as exc:
+            raise HTTPException(status_of(exc), detail=str(exc)) from None
+        except ValueError as exc:
+            raise _invalid("weights", str(exc)) from None
+
+    @app.delete(
+        "/autoscaler/traffic", tags=["autoscaler"], dependencies=[Manage],
+        responses=MANAGEMENT_ERRORS,
+    )  # fmt: skip
+    async def traffic_reset(model_name: Annotated[str, Query(max_length=128)]) -> dict[str, Any]:
+        """Back to the model config's default version and split."""
+        try:
+            return dict(await app.state.autoscaler.set_traffic_split(model_name, None))
+        except InferenceError as exc:
+            raise HTTPException(status_of(exc), detail=str(exc)) from None
+
+    @app.post(
+        "/autoscaler/balancing", tags=["autoscaler"], dependencies=[Manage],
+        responses=MANAGEMENT_ERRORS,
+    )  # fmt: skip
+    async def balancing(
+        model_name: Annotated[str, Query(max_length=128)],
+        strategy: LoadBalancingStrategy | None = None,
+        body: InstanceWeights | None = None,
+    ) -> dict[str, Any]:
+        """A model's load-balancing strategy (none: the scaler config's default)."""
+        await asyncio.to_thread(resolve, model_name, None)
+        weights = body.weights if body is not None else None
+        try:
+            return dict(
+                await app.state.autoscaler.set_load_balancing(model_name, strategy, weights=weights)
+            )
+        except ValueError as exc:
+            raise _invalid("weights", str(exc)) from None
+
     @app.get("/autoscaler/metrics", tags=["autoscaler"])
     def metrics(
         window_seconds: Annotated[
@@ -357,7 +432,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         try:
             await asyncio.to_thread(
                 _queue, app.state.celery, single, model, version, array, request.priority,
-                timeout, task_id,
+                timeout, task_id, request.key,
             )  # fmt: skip
             raw = await _await_result(
                 app, future, task_id, model, version, timeout, settings.cold_start_timeout_s
@@ -428,13 +503,17 @@ def _queue(
     priority: int,
     timeout: float,
     task_id: str,
+    key: str | None,
 ) -> None:
     from tasks import predict, predict_batch
 
     task = predict if single else predict_batch
+    kwargs: dict[str, Any] = {"version": version}
+    if key is not None:
+        kwargs["key"] = key
     task.apply_async(
         (model, array),
-        {"version": version},
+        kwargs,
         task_id=task_id,
         priority=priority,
         expires=timeout,

@@ -39,7 +39,11 @@ def fill(count: int) -> None:
 
 
 def drain_rate(env: dict[str, str], logs: Path, *, metrics: bool, count: int) -> float:
+    from loader.registry import publish_registry
+    from loader.repository import ModelRepository
+
     client = redis.Redis.from_url(env["REDIS_URL"])
+    publish_registry(client, ModelRepository(Path(env["MODEL_REPOSITORY"])).registry())
     fill(count)
     worker_env = {
         **env,

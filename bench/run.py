@@ -45,6 +45,13 @@ def main() -> None:
             monitoring_rows,
         )
         rows += monitoring_rows
+        from bench import balancing
+
+        balancing_rows = balancing.run(env, work)
+        print_table(
+            "Load balancing (each strategy against the shared queue, same load)", balancing_rows
+        )
+        rows += balancing_rows
     write_results(rows)
     print("\nwrote bench/results/latest.json")
 

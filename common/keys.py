@@ -98,3 +98,38 @@ def metrics_minute_key(t: int) -> str:
 def text(value: bytes | str) -> str:
     """A Redis reply as text (clients here do not decode responses)."""
     return value.decode() if isinstance(value, bytes) else value
+
+
+# --- load balancing, health and failover --------------------------------------------------
+# One worker's own queue ("instance queue"): strategies other than the shared queue route a
+# request to the chosen instance's queue; every worker consumes its own.
+INSTANCE_QUEUE_PREFIX = "instance."
+# Set: every instance queue a worker announced (the scaler drains those of dead workers).
+INSTANCE_QUEUES = _NS + "instance_queues"
+# Set with a TTL: the delivery tags a worker holds (the scaler restores a dead worker's).
+HELD = _NS + "held:{hostname}"
+# Hash: "name/version" -> JSON list of the healthy instances (hostnames) routing may use.
+INSTANCES = _NS + "instances"
+# Hash: model name -> JSON {"strategy": ..., "weights": {hostname: weight}}.
+BALANCING = _NS + "balancing"
+# String: the strategy of models without an entry (the scaler's ModelLoaderConfig).
+BALANCING_DEFAULT = _NS + "balancing:default"
+# Hash per version: "inflight:<hostname>" (requests routed there and not answered) and
+# "latency:<hostname>" (recent latency in ms).
+ROUTING_STATE = _NS + "lb:{model}"
+# Hash: model name -> JSON traffic split {version: weight} set through the API.
+TRAFFIC = _NS + "traffic"
+# Header of a request routed to an instance queue: the version's shared queue (failover).
+SHARED_QUEUE_HEADER = "shared_queue"
+
+
+def instance_queue(hostname: str) -> str:
+    return f"{INSTANCE_QUEUE_PREFIX}{hostname}"
+
+
+def held_key(hostname: str) -> str:
+    return HELD.format(hostname=hostname)
+
+
+def routing_state_key(name: str, version: str) -> str:
+    return ROUTING_STATE.format(model=model_key_text(name, version))

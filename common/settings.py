@@ -83,6 +83,13 @@ class WorkerSettings(BaseSettings):
     # Exit (warm shutdown) after Redis has been unreachable this long; 0 never. Workers the
     # scaler's local backend starts set it, so none outlives its stack.
     orphan_exit_s: float = Field(0.0, ge=0)
+    # Health checks of every loaded model (ModelLoaderConfig's health_check_interval_seconds,
+    # max_consecutive_failures, failure_cooldown_seconds; the scaler passes them on to the
+    # workers it starts): a probe inference with the warm-up input within the timeout.
+    health_check_interval_s: float = Field(30.0, gt=0)
+    health_max_failures: int = Field(3, ge=1)
+    health_probe_timeout_s: float = Field(10.0, gt=0)
+    health_cooldown_s: float = Field(300.0, ge=0)
     # Models to serve from the start: "name" (every version) or "name:version".
     models: CommaList = Field(default_factory=list)
 

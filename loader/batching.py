@@ -149,6 +149,14 @@ class BatcherStats:
         model["max_batch_rows"] = max(model["max_batch_rows"], rows)
 
     latencies_s: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
+    # "name/version" -> recent latency (exponentially weighted, ms): least response time.
+    latency_ewma_ms: dict[str, float] = field(default_factory=dict)
+
+    def record_latency(self, key: ModelKey, seconds: float) -> None:
+        self.latencies_s.append(seconds)
+        text, ms = str(key), seconds * 1000
+        before = self.latency_ewma_ms.get(text)
+        self.latency_ewma_ms[text] = ms if before is None else 0.8 * before + 0.2 * ms
 
     def latency_ms(self, q: float) -> float | None:
         if not self.latencies_s:
@@ -207,6 +215,11 @@ class Batcher:
         """Re-evaluate waiting models (a load finished or failed)."""
         with self._cond:
             self._cond.notify()
+
+    def take(self, key: ModelKey) -> list[Item]:
+        """Remove and return the requests waiting on one model version (not the running)."""
+        with self._cond:
+            return list(self._queues.pop(key, ()))
 
     def busy(self) -> dict[ModelKey, int]:
         """Requests held per model version: waiting for a batch or running."""
@@ -399,7 +412,7 @@ class Batcher:
                     self.stats.cache_hits += 1
                 if outcome.error is None:
                     self.stats.served += 1
-                    self.stats.latencies_s.append(now - outcome.item.received)
+                    self.stats.record_latency(outcome.item.key, now - outcome.item.received)
                 else:
                     self.stats.failed += 1
             try:

@@ -144,16 +144,22 @@ class ModelCache:
         except (InferenceError, OSError):
             return 0
 
-    def acquire(self, key: ModelKey) -> CachedModel:
-        """Mark a ready model busy (not evictable) while a batch runs on it."""
+    def acquire(self, key: ModelKey, *, touch: bool = True) -> CachedModel:
+        """Mark a ready model busy (not evictable) while a batch runs on it; a health probe
+        (``touch=False``) does not count as a use."""
         with self._lock:
-            entry = self._entries[key]
-            if entry.state is not ModelState.READY:
+            entry = self._entries.get(key)
+            if entry is None or entry.state is not ModelState.READY:
                 raise ModelLoadError(f"model {key} is not loaded")
             entry.busy += 1
-            entry.last_used = self._clock()
-            self._entries.move_to_end(key)
+            if touch:
+                entry.last_used = self._clock()
+                self._entries.move_to_end(key)
             return entry
+
+    def ready_keys(self) -> list[ModelKey]:
+        with self._lock:
+            return [k for k, e in self._entries.items() if e.state is ModelState.READY]
 
     def release(self, entry: CachedModel) -> None:
         with self._lock:

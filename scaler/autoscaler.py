@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -26,7 +27,12 @@ from loader.cache import ModelKey
 from monitoring.alerts import AlertListener, active_alerts
 from monitoring.metrics import MetricsHistory
 from scaler.beat import build_loop
-from scaler.config import AutoscalerConfig, ModelLoaderConfig, ZeroScalingConfig
+from scaler.config import (
+    AutoscalerConfig,
+    LoadBalancingStrategy,
+    ModelLoaderConfig,
+    ZeroScalingConfig,
+)
 from scaler.loop import ScalerLoop
 from scaler.store import ScalerStore
 
@@ -146,6 +152,61 @@ class Autoscaler:
         key = self._key(model_name, version)
         await asyncio.to_thread(self.store.set_override, key, {"unload_at": time.time()})
 
+    async def set_traffic_split(
+        self,
+        model_name: str,
+        weights: dict[str, float] | None = None,
+        *,
+        default_version: str | None = None,
+    ) -> dict[str, Any]:
+        """Requests that name no version go by ``weights`` (``{"v1": 90, "v2": 10}``: a
+        canary at 10%), else to ``default_version``; both None restores the model config."""
+        return await asyncio.to_thread(self._set_traffic, model_name, weights, default_version)
+
+    def _set_traffic(
+        self, model_name: str, weights: dict[str, float] | None, default_version: str | None
+    ) -> dict[str, Any]:
+        from workers import app
+
+        registry = app.conf.task_routes[0].registry
+        versions = registry.entry(model_name)["versions"]
+        for version in [*(weights or {}), *([default_version] if default_version else [])]:
+            registry.resolve(model_name, version)  # raises naming the versions that exist
+        if weights is not None:
+            bad = {v: w for v, w in weights.items() if not w >= 0}
+            if bad or not sum(weights.values()) > 0:
+                raise ValueError(
+                    f"traffic weights {weights} must be non-negative with a positive sum"
+                )
+        if weights is None and default_version is None:
+            self._client.hdel(keys.TRAFFIC, model_name)
+            record: dict[str, Any] = {}
+        else:
+            record = {"weights": weights or {}, "default_version": default_version}
+            self._client.hset(keys.TRAFFIC, model_name, json.dumps(record))
+        registry.forget()
+        return {"model": model_name, "versions": sorted(versions), **record}
+
+    async def set_load_balancing(
+        self,
+        model_name: str,
+        strategy: LoadBalancingStrategy | str | None,
+        *,
+        weights: dict[str, float] | None = None,
+    ) -> dict[str, Any]:
+        """The strategy of one model's requests (None: the config's default), with
+        instance weights (hostname -> weight) for ``WEIGHTED_ROUND_ROBIN``."""
+        self._key(model_name, None)  # an unknown model raises here
+        if strategy is None:
+            await asyncio.to_thread(self._client.hdel, keys.BALANCING, model_name)
+            return {"model": model_name, "strategy": None}
+        chosen = LoadBalancingStrategy(strategy)
+        if weights and any(not w > 0 for w in weights.values()):
+            raise ValueError(f"instance weights {weights} must be positive")
+        record = {"strategy": chosen.value, "weights": dict(weights or {})}
+        await asyncio.to_thread(self._client.hset, keys.BALANCING, model_name, json.dumps(record))
+        return {"model": model_name, **record}
+
     # -- reading ----------------------------------------------------------------------------
     def get_stats(self) -> dict[str, Any]:
         status = self.store.status() or {}
@@ -202,13 +263,44 @@ class Autoscaler:
         scaler_age = time.time() - status["time"] if status else None
         healthy_scaler = scaler_age is not None and scaler_age < 5 * self.config.tick_interval_s + 5
         workers = status.get("workers", {}) if status else {}
+        reports = self._reports() if redis_ok else {}
+        instances: dict[str, dict[str, dict[str, Any]]] = {}
+        for name, report in reports.items():
+            checks = report.get("instances_health", {})
+            for model in report.get("models", []):
+                text = keys.model_key_text(model["name"], model["version"])
+                check = checks.get(text, {"state": "healthy", "failures": 0, "reason": ""})
+                instances.setdefault(text, {})[name] = {
+                    "state": check["state"],
+                    "reason": check["reason"] or "probe passed",
+                    "failures": check["failures"],
+                    "routable": keys.queue_name(model["name"], model["version"])
+                    in report.get("queues", [])
+                    and check["state"] != "unhealthy",
+                }
+            for text, check in checks.items():  # sick ones the worker already dropped
+                if check["state"] == "unhealthy" and name not in instances.get(text, {}):
+                    instances.setdefault(text, {})[name] = {**check, "routable": False}
         return {
             "healthy": redis_ok and healthy_scaler,
             "redis": "ok" if redis_ok else "unreachable",
             "scaler": "ok" if healthy_scaler else "no recent tick",
             "scaler_last_tick_age_s": None if scaler_age is None else round(scaler_age, 3),
-            "workers": {n: ("starting" if w["starting"] else "ok") for n, w in workers.items()},
+            "workers": {
+                n: "starting" if w["starting"] else reports.get(n, {}).get("health", "no report")
+                for n, w in workers.items()
+            }
+            | {n: r.get("health", "ok") for n, r in reports.items() if n not in workers},
+            "instances": dict(sorted(instances.items())),
         }
+
+    def _reports(self) -> dict[str, dict[str, Any]]:
+        found: list[bytes] = self._client.zrangebyscore(keys.WORKERS, time.time() - 10, "+inf")  # type: ignore[assignment]
+        names = [keys.text(h) for h in found]
+        if not names:
+            return {}
+        raws = self._client.mget([keys.worker_report_key(n) for n in names])
+        return {n: json.loads(r) for n, r in zip(names, raws, strict=True) if r is not None}
 
     def add_alert_callback(self, callback: AlertCallback) -> None:
         """Register ``callback(alert_key, message)``.

@@ -55,6 +55,9 @@ def worker_env(config: AutoscalerConfig) -> dict[str, str]:
         ),
         "WORKER_CONCURRENT_LOADS": str(loading.concurrent_loads),
         "WORKER_FAILURE_COOLDOWN_SECONDS": str(loading.failure_cooldown_seconds),
+        "WORKER_HEALTH_CHECK_INTERVAL_S": str(loading.health_check_interval_seconds),
+        "WORKER_HEALTH_MAX_FAILURES": str(loading.max_consecutive_failures),
+        "WORKER_HEALTH_COOLDOWN_S": str(loading.failure_cooldown_seconds),
     }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ from scaler.backends import Backend, LocalBackend, StaticBackend
 from scaler.config import AutoscalerConfig
 from scaler.policy import NEW_WORKER_PREFIX, Decision, Plan, PolicyState, decide
 from scaler.store import FleetView, ScalerStore, parse_key
+from tasks.failover import failover
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class ScalerLoop:
         self._unloads: dict[str, tuple[float, int, int]] = {}  # worker -> (time, rss, bytes)
         self._cold_since: dict[ModelKey, float] = {}
         self.last: TickResult | None = None
+        self.failovers: deque[tuple[str, int]] = deque(maxlen=100)
         settings = metrics_settings()
         self.metrics = MetricsRecorder(client, settings)
         self.history = MetricsHistory(client, settings)
@@ -87,6 +89,7 @@ class ScalerLoop:
         self._publish_registry()
         view = self.store.read(now)
         self._reap(view, now)
+        self._failover(view)
         plan, self.state = decide(view.snapshot, self.config, self.state)
         result = TickResult(leader=True, plan=plan)
         self._watch_cold_starts(view, plan, now)
@@ -96,7 +99,13 @@ class ScalerLoop:
         served = {k for k, n in plan.desired.items() if n > 0} | {
             k for w in view.snapshot.workers.values() for k in w.serving
         }
-        self.store.record(plan.decisions, self._status(view, plan, result, now), served)
+        self.store.record(
+            plan.decisions,
+            self._status(view, plan, result, now),
+            served,
+            members=self._members(view),
+            default_strategy=self.config.model_loading.load_balancing_strategy.value,
+        )
         if self.config.enable_metrics and self.metrics.enabled:
             try:
                 self._record_metrics(view, plan, now)
@@ -185,6 +194,37 @@ class ScalerLoop:
                     self.store.fleet_add(record)
                     self.backend.stop(record)
                     result.stopped.append(name)
+
+    def _members(self, view: FleetView) -> dict[str, list[str]]:
+        """The healthy instances of each version: reporting, consuming it, holding it."""
+        members: dict[str, list[str]] = {}
+        for name, worker in view.snapshot.workers.items():
+            if name not in view.reports:
+                continue
+            for key in worker.serving & worker.loaded - worker.unhealthy:
+                members.setdefault(keys.model_key_text(*key), []).append(name)
+        return {k: sorted(v) for k, v in sorted(members.items())}
+
+    def _failover(self, view: FleetView) -> None:
+        """A worker that stopped reporting: what it was given goes back to the shared
+        queues now, not after the visibility timeout."""
+        starting = {n for n, w in view.snapshot.workers.items() if w.starting}
+        for hostname in sorted(view.instance_hosts - set(view.reports) - starting):
+            moved = failover(self.store.client, hostname)
+            self._forget_routing(hostname)
+            logger.warning(
+                "worker %s is gone: %d of its requests went back to their shared queues",
+                hostname,
+                moved,
+            )
+            if moved:
+                self.failovers.append((hostname, moved))
+
+    def _forget_routing(self, hostname: str) -> None:
+        pipe = self.store.client.pipeline(transaction=False)
+        for key in self.store.registered():
+            pipe.hdel(keys.routing_state_key(*key), f"inflight:{hostname}", f"latency:{hostname}")
+        pipe.execute()
 
     def _watch_cold_starts(self, view: FleetView, plan: Plan, now: float) -> None:
         """Record a version whose requests wait past ``cold_start_timeout`` with no loaded

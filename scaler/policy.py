@@ -43,6 +43,9 @@ class WorkerInfo:
     max_models: int = 5
     managed: bool = False  # started by this scaler's backend: may be stopped
     starting: bool = False  # launched, not reporting yet
+    # Versions whose health checks fail here: not instances, not placed here again until
+    # the worker retries them (after failure_cooldown_seconds).
+    unhealthy: frozenset[ModelKey] = frozenset()
 
     def busy_on(self, key: ModelKey) -> int:
         return dict(self.busy).get(key, 0)
@@ -74,7 +77,7 @@ class Snapshot:
         return self.queued.get(key, 0) + self.in_flight(key)
 
     def current(self, key: ModelKey) -> int:
-        return sum(1 for w in self.workers.values() if key in w.serving)
+        return sum(1 for w in self.workers.values() if key in w.serving and key not in w.unhealthy)
 
 
 @dataclass
@@ -272,7 +275,8 @@ def _place(
 ) -> Plan:
     workers = snapshot.workers
     assign: dict[str, set[ModelKey]] = {
-        name: {k for k in w.serving if desired.get(k, 0) > 0} for name, w in workers.items()
+        name: {k for k in w.serving if desired.get(k, 0) > 0 and k not in w.unhealthy}
+        for name, w in workers.items()
     }
     size = snapshot.models
     capacity = {name: (w.capacity_bytes, w.max_models) for name, w in workers.items()}
@@ -302,7 +306,11 @@ def _place(
             continue
         missing = want - len(holders)
         candidates = [
-            n for n in assign if key not in assign[n] and not n.startswith(NEW_WORKER_PREFIX)
+            n
+            for n in assign
+            if key not in assign[n]
+            and not n.startswith(NEW_WORKER_PREFIX)
+            and key not in workers[n].unhealthy
         ]
         candidates.sort(
             key=lambda n: (

@@ -99,6 +99,8 @@ class FleetView:
     snapshot: Snapshot
     reports: dict[str, dict[str, Any]]
     fleet: dict[str, FleetRecord]
+    # Hostnames of the workers that announced their own queue (alive or not).
+    instance_hosts: set[str] = field(default_factory=set)
 
 
 class ScalerStore:
@@ -135,9 +137,12 @@ class ScalerStore:
         pipe.hgetall(keys.POPULARITY)
         pipe.hgetall(keys.LOAD_FAILURES)
         pipe.hgetall(keys.FLEET)
+        pipe.smembers(keys.INSTANCE_QUEUES)
         suffixes = [f"{keys.PRIORITY_SEPARATOR}{step}" for step in keys.PRIORITY_STEPS if step]
         self._depths(keys=[keys.REGISTRY_QUEUES, keys.PRIORITY_QUEUES], args=suffixes, client=pipe)
-        stamp, hostnames, overrides, popularity, failures, fleet_raw, depths = pipe.execute()
+        stamp, hostnames, overrides, popularity, failures, fleet_raw, instance_queues, depths = (
+            pipe.execute()
+        )
 
         second = self.client.pipeline(transaction=False)
         names = [h.decode() for h in hostnames]
@@ -155,6 +160,14 @@ class ScalerStore:
             name: json.loads(raw)
             for name, raw in zip(names, reports_raw, strict=True)
             if raw is not None
+        }
+        # A worker whose heartbeat stopped (four report intervals, at least one second) is
+        # gone: its instances leave routing and its requests are failed over.
+        reports = {
+            name: report
+            for name, report in reports.items()
+            if now - float(report.get("time", now))
+            <= max(4 * report.get("report_interval_s", 1.0), 1.0)
         }
         fleet = {h.decode(): FleetRecord.from_json(raw) for h, raw in fleet_raw.items()}
         queued: dict[ModelKey, int] = {}
@@ -174,7 +187,12 @@ class ScalerStore:
             overrides=dict(self._overrides),
             **self._manual(overrides),
         )
-        return FleetView(snapshot=snapshot, reports=reports, fleet=fleet)
+        prefix = len(keys.INSTANCE_QUEUE_PREFIX)
+        hosts = {keys.text(q)[prefix:] for q in instance_queues}
+        return FleetView(snapshot=snapshot, reports=reports, fleet=fleet, instance_hosts=hosts)
+
+    def registered(self) -> list[ModelKey]:
+        return list(self._sizes)
 
     def queue_depths(self) -> dict[str, int]:
         """Requests waiting on every registered version, those with none included."""
@@ -235,6 +253,7 @@ class ScalerStore:
                 capacity_bytes=int(report.get("capacity_bytes", 10 * 1024**3)),
                 max_models=int(report.get("max_models", 5)),
                 managed=name in fleet,
+                unhealthy=frozenset(parse_key(t) for t in report.get("unhealthy", [])),
             )
         for name, record in fleet.items():
             if name not in workers and not record.seen and not record.stopping:
@@ -249,9 +268,15 @@ class ScalerStore:
 
     # -- writes -----------------------------------------------------------------------------
     def record(
-        self, decisions: list[Decision], status: dict[str, Any], served: set[ModelKey]
+        self,
+        decisions: list[Decision],
+        status: dict[str, Any],
+        served: set[ModelKey],
+        members: dict[str, list[str]] | None = None,
+        default_strategy: str | None = None,
     ) -> None:
-        pipe = self.client.pipeline(transaction=False)
+        # One transaction: producers never read a half-written set of instances.
+        pipe = self.client.pipeline(transaction=True)
         now = status["time"]
         for d in decisions:
             pipe.lpush(keys.SCALER_DECISIONS, json.dumps({
@@ -264,6 +289,12 @@ class ScalerStore:
         pipe.delete(keys.SERVED)
         if served:
             pipe.sadd(keys.SERVED, *(keys.model_key_text(*k) for k in served))
+        if members is not None:
+            pipe.delete(keys.INSTANCES)
+            if members:
+                pipe.hset(keys.INSTANCES, mapping={k: json.dumps(v) for k, v in members.items()})
+        if default_strategy is not None:
+            pipe.set(keys.BALANCING_DEFAULT, default_strategy)
         pipe.execute()
 
     def add_popularity(self, counts: dict[ModelKey, float], decay: float) -> None:

@@ -19,8 +19,9 @@ from common import keys
 from common.errors import PayloadTooLargeError
 from common.settings import serving_settings
 from tasks import codec
+from tasks.balancing import Route
 from tasks.publish import fast_path_allowed, publish
-from tasks.routing import PREDICT, PREDICT_BATCH, ModelRouter
+from tasks.routing import PREDICT, PREDICT_BATCH, ModelRouter, model_queue_named
 from workers import app
 
 
@@ -49,15 +50,30 @@ class PredictTask(Task):
         model = args[0] if args else kwargs.get("model")
         options.setdefault("argsrepr", f"({model!r}, {codec.describe(inputs)})")
         options.setdefault("kwargsrepr", repr({k: v for k, v in kwargs.items() if k != "inputs"}))
+        # CONSISTENT_HASH routes by this key when given, else by the input's bytes.
+        hash_key = kwargs.pop("key", None)
         router = self.app.conf.task_routes[0] if self.app.conf.task_routes else None
-        if not rest and isinstance(router, ModelRouter) and fast_path_allowed(self.app, options):
-            route = router(self.name, args, kwargs, options)
-            assert route is not None
-            result = publish(self, route["queue"].name, args, kwargs, options, subscribe=subscribe)
+        route = None
+        if isinstance(router, ModelRouter) and "queue" not in options:
+            router(self.name, args, kwargs, options)  # resolves the version into kwargs
+            route = router.balancer.route(model, kwargs["version"], inputs, hash_key)
+        if not rest and route is not None and fast_path_allowed(self.app, options):
+            result = publish(
+                self, route.queue, args, kwargs, options, subscribe=subscribe,
+                shared_queue=route.shared_queue if route.instance else None,
+                inflight=_inflight(route, model, kwargs["version"]),
+            )  # fmt: skip
         else:
             # For the queue-wait metric, as the fast path does.
-            options["headers"] = {**(options.get("headers") or {}), "published_at": time.time()}
+            headers = {**(options.get("headers") or {}), "published_at": time.time()}
+            if route is not None and route.instance:
+                options["queue"] = model_queue_named(route.queue)
+                headers[keys.SHARED_QUEUE_HEADER] = route.shared_queue
+            options["headers"] = headers
             result = super().apply_async(args, kwargs, *rest, **options)
+            inflight = _inflight(route, model, kwargs.get("version")) if route else None
+            if inflight is not None and isinstance(router, ModelRouter):
+                router.registry._redis().hincrby(*inflight, 1)
         version = kwargs.get("version")
         if version and isinstance(router, ModelRouter):
             if options.get("priority"):
@@ -67,16 +83,25 @@ class PredictTask(Task):
         return result
 
 
+def _inflight(route: Route, model: str, version: str | None) -> tuple[str, str] | None:
+    if route.instance is None or version is None:
+        return None
+    return keys.routing_state_key(model, version), f"inflight:{route.instance}"
+
+
 @app.task(base=PredictTask, name=PREDICT)
-def predict(model: str, inputs: Any, version: str | None = None) -> Any:
-    """Run one input through a model version; returns that input's output."""
+def predict(model: str, inputs: Any, version: str | None = None, key: str | None = None) -> Any:
+    """Run one input through a model version; returns that input's output. ``key`` is the
+    consistent-hash key (used by the producer's router only)."""
     from tasks.inline import run_inline
 
     return run_inline(model, inputs, version, single=True)
 
 
 @app.task(base=PredictTask, name=PREDICT_BATCH)
-def predict_batch(model: str, inputs: Any, version: str | None = None) -> Any:
+def predict_batch(
+    model: str, inputs: Any, version: str | None = None, key: str | None = None
+) -> Any:
     """Run a list of inputs through a model version; returns one output per input."""
     from tasks.inline import run_inline
 

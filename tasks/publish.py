@@ -61,6 +61,8 @@ def publish(
     options: dict[str, Any],
     *,
     subscribe: bool = True,
+    shared_queue: str | None = None,
+    inflight: tuple[str, str] | None = None,
 ) -> Any:
     app = task.app
     task_id = options.get("task_id") or str(uuid.uuid4())
@@ -85,6 +87,9 @@ def publish(
     )  # fmt: skip
     # For the queue-wait metric; Celery passes unknown headers through.
     headers["published_at"] = time.time()
+    if shared_queue is not None:
+        # Routed to one instance's queue: failover sends it back to the shared one.
+        headers[keys.SHARED_QUEUE_HEADER] = shared_queue
     content_type, content_encoding, data = dumps(body, serializer=options["serializer"])
     if isinstance(data, str):
         data = data.encode(content_encoding or "utf-8")
@@ -108,5 +113,12 @@ def publish(
     destination = queue if step == 0 else f"{queue}{keys.PRIORITY_SEPARATOR}{step}"
     if subscribe and not task.ignore_result:
         app.backend.on_task_call(None, task_id)  # subscribe before the result can exist
-    _client(app.conf.broker_url).lpush(destination, json_dumps(envelope))
+    client = _client(app.conf.broker_url)
+    if inflight is None:
+        client.lpush(destination, json_dumps(envelope))
+    else:
+        pipe = client.pipeline(transaction=False)
+        pipe.lpush(destination, json_dumps(envelope))
+        pipe.hincrby(*inflight, 1)
+        pipe.execute()
     return task.AsyncResult(task_id)

@@ -22,6 +22,7 @@ from kombu import Exchange, Queue
 from common import keys
 from common.errors import RegistryUnavailableError, UnknownModelError
 from loader.spec import check_name, check_version
+from tasks.balancing import Balancer
 
 PREDICT = "tasks.predict"
 PREDICT_BATCH = "tasks.predict_batch"
@@ -60,7 +61,8 @@ class RegistryView:
         pipe = self._redis().pipeline(transaction=False)
         pipe.hget(keys.REGISTRY, name)
         pipe.exists(keys.REGISTRY)
-        raw, exists = pipe.execute()
+        pipe.hget(keys.TRAFFIC, name)
+        raw, exists, split = pipe.execute()
         if raw is None:
             if not exists:
                 raise RegistryUnavailableError(
@@ -70,6 +72,13 @@ class RegistryView:
             known = sorted(_text(k) for k in self._redis().hkeys(keys.REGISTRY))
             raise UnknownModelError(f"unknown model {name!r}; models: {', '.join(known)}")
         entry: dict[str, Any] = json.loads(raw)
+        if split is not None:
+            # A split or default version set through the API overrides the model config.
+            override = json.loads(split)
+            if override.get("weights"):
+                entry["traffic"] = override["weights"]
+            if override.get("default_version") in entry["versions"]:
+                entry["default_version"] = override["default_version"]
         with self._lock:
             self._entries[name] = (now, entry)
         return entry
@@ -129,7 +138,10 @@ _queues: dict[str, Queue] = {}
 
 
 def model_queue(name: str, version: str) -> Queue:
-    queue_name = keys.queue_name(name, version)
+    return model_queue_named(keys.queue_name(name, version))
+
+
+def model_queue_named(queue_name: str) -> Queue:
     queue = _queues.get(queue_name)
     if queue is None:
         queue = _queues[queue_name] = Queue(queue_name, _DEFAULT_EXCHANGE, routing_key=queue_name)
@@ -139,8 +151,9 @@ def model_queue(name: str, version: str) -> Queue:
 class ModelRouter:
     """The Celery router for ``tasks.predict`` and ``tasks.predict_batch``."""
 
-    def __init__(self, registry: RegistryView) -> None:
+    def __init__(self, registry: RegistryView, balancer: Balancer | None = None) -> None:
         self.registry = registry
+        self.balancer = balancer or Balancer(registry._client_factory, ttl_s=1.0)
 
     def __call__(
         self, name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **_: Any

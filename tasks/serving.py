@@ -31,6 +31,7 @@ from common.settings import (
     worker_settings,
 )
 from loader.cache import ModelKey
+from loader.health import UNHEALTHY, HealthChecker
 from loader.registry import RegistryPublisher
 from loader.server import ModelServer
 from monitoring.metrics import WORKER, MetricsRecorder
@@ -50,7 +51,9 @@ class Reporter:
         held: HeldMessages,
         serving: ServingSettings,
         settings: WorkerSettings,
+        health: HealthChecker | None = None,
     ) -> None:
+        self.health = health
         self.worker = worker
         self.server = server
         self.held = held
@@ -129,6 +132,8 @@ class Reporter:
         else:
             device_reading = {"gpu": None, "reason": "no GPU: this worker runs on the CPU"}
         models = server.cache.describe()
+        health = self.health.describe() if self.health is not None else {}
+        unhealthy = [text for text, h in health.items() if h["state"] == UNHEALTHY]
         return {
             "hostname": self.worker.hostname,
             "host": socket.gethostname(),
@@ -159,7 +164,12 @@ class Reporter:
             "latency_ms": {"p50": stats.latency_ms(0.5), "p99": stats.latency_ms(0.99)},
             "resources": self.sampler.sample(),
             "device_memory": device_reading,
-            "health": "ok",
+            "health": "degraded" if unhealthy else "ok",
+            # Per loaded model version: healthy / unhealthy / retrying, failures, reason.
+            "instances_health": health,
+            "unhealthy": sorted(unhealthy),
+            "instance_queue": keys.instance_queue(self.worker.hostname),
+            "report_interval_s": self.interval_s,
         }
 
     def tick(self, now: float) -> None:
@@ -170,6 +180,16 @@ class Reporter:
         pipe.set(keys.worker_report_key(hostname), json.dumps(report), ex=int(self.ttl_s))
         pipe.zadd(keys.WORKERS, {hostname: now})
         tags = self.held.tags()
+        pipe.sadd(keys.INSTANCE_QUEUES, keys.instance_queue(hostname))
+        # What this worker holds, for the scaler to restore at once if it dies.
+        held_key = keys.held_key(hostname)
+        pipe.delete(held_key)
+        if tags:
+            pipe.sadd(held_key, *tags)
+            pipe.expire(held_key, 3600)
+        for text, ms in list(self.server.batcher.stats.latency_ewma_ms.items()):
+            name, _, version = text.partition("/")
+            pipe.hset(keys.routing_state_key(name, version), f"latency:{hostname}", round(ms, 3))
         if tags:
             # Push the delivery time of held messages forward: only a dead worker's messages
             # outlive the visibility timeout and get redelivered.
@@ -219,12 +239,28 @@ class ModelServing(bootsteps.StartStopStep):
         serving, settings = serving_settings(), worker_settings()
         held = HeldMessages()
         completer = Completer(worker.app, held)
+        completer.hostname = worker.hostname
+        completer.instance_queue = keys.instance_queue(worker.hostname)
         server = ModelServer(serving, settings, complete=completer, admit=admit)
+        health = HealthChecker(
+            server.cache,
+            interval_s=settings.health_check_interval_s,
+            max_failures=settings.health_max_failures,
+            probe_timeout_s=settings.health_probe_timeout_s,
+            cooldown_s=settings.health_cooldown_s,
+        )
+        # Requests waiting on a model that turns unhealthy go back to their queues.
+        health.on_unhealthy = lambda key: completer.requeue(server.batcher.take(key))
         worker.model_server = server
         worker.model_completer = completer
         worker.held_messages = held
+        worker.model_health = health
         self.server = server
-        self.reporter = Reporter(worker, server, held, serving, settings)
+        self.health = health
+        self.reporter = Reporter(worker, server, held, serving, settings, health)
+        # Every worker consumes its own queue: the load-balancing strategies route there.
+        own = keys.instance_queue(worker.hostname)
+        worker.app.amqp.queues.select_add(own, routing_key=own)
         self.preload = settings.models
         for spec in settings.models:
             name, _, version = spec.partition(":")
@@ -247,6 +283,7 @@ class ModelServing(bootsteps.StartStopStep):
             except InferenceError as exc:
                 logger.error("worker %s cannot preload %s: %s", worker.hostname, spec, exc)
         self.reporter.start()
+        self.health.start()
 
     def close(self, worker: Any) -> None:
         # Warm shutdown calls close() on every step before any stops, while the broker
@@ -261,6 +298,7 @@ class ModelServing(bootsteps.StartStopStep):
             worker.model_completer.requeue(waiting)
 
     def stop(self, worker: Any) -> None:
+        self.health.stop()
         self.reporter.stop()
         self.server.stop()
 

@@ -11,10 +11,12 @@ unacknowledged, and the Redis transport redelivers them.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -25,9 +27,11 @@ from celery.worker.request import create_request_cls
 from kombu.serialization import registry as codecs
 from kombu.transport import virtual
 
+from common import keys
 from common.errors import InferenceError, PayloadTooLargeError, RejectedMessageError
 from common.settings import serving_settings
 from loader.batching import Item, Outcome
+from loader.cache import ModelKey
 from loader.server import ModelServer
 from tasks.routing import PREDICT
 
@@ -67,12 +71,20 @@ class Completer:
         self.held = held
         self.call_soon: Callable[[Callable[[], None]], Any] | None = None
         self.eventer: Any = None
+        # This worker's own queue and name: requests routed to it were counted in flight.
+        self.instance_queue = ""
+        self.hostname = ""
 
     def __call__(self, outcomes: list[Outcome]) -> None:
         requests = [o.item.ticket for o in outcomes]
         self.store(outcomes)
         self.send_events(outcomes)
-        self.acknowledge(requests)
+        answered: Counter[ModelKey] = Counter(
+            o.item.key
+            for o in outcomes
+            if o.item.key is not None and routed_here(o.item.ticket.message, self.instance_queue)
+        )
+        self.acknowledge(requests, answered)
 
     def store(self, outcomes: list[Outcome]) -> None:
         backend = self.app.backend
@@ -115,8 +127,9 @@ class Completer:
                     traceback="",
                 )
 
-    def acknowledge(self, requests: list[Any]) -> None:
-        """One pipelined round trip for the whole batch where the transport allows it."""
+    def acknowledge(self, requests: list[Any], answered: Counter[ModelKey] | None = None) -> None:
+        """One pipelined round trip for the whole batch where the transport allows it; it
+        also takes the batch's instance-routed requests off their in-flight counters."""
         messages = [r.message for r in requests if not r.message.acknowledged]
         tags = [m.delivery_tag for m in messages]
         qos = messages[0].channel.qos if messages else None
@@ -125,6 +138,8 @@ class Completer:
                 pipe = client.pipeline()
                 for tag in tags:
                     qos._remove_from_indices(tag, pipe)
+                for key, n in (answered or {}).items():
+                    pipe.hincrby(keys.routing_state_key(*key), f"inflight:{self.hostname}", -n)
                 pipe.execute()
             for message in messages:
                 virtual.QoS.ack(qos, message.delivery_tag)
@@ -159,6 +174,23 @@ def _noop() -> None:
     return None
 
 
+def forward_to_shared(message: Any) -> None:
+    """Move a delivered request to the head of its version's shared queue, then ack it."""
+    from tasks.failover import destination
+
+    envelope = dict(message._raw)
+    target = destination(envelope)
+    if target is None:
+        return
+    with message.channel.conn_or_acquire() as client:
+        client.rpush(target, json.dumps(envelope))
+    message.ack()
+
+
+def routed_here(message: Any, instance_queue: str) -> bool:
+    return bool(instance_queue) and message.delivery_info.get("routing_key") == instance_queue
+
+
 def _traceback(error: BaseException) -> str | None:
     if isinstance(error, InferenceError) or error.__traceback__ is None:
         return None
@@ -184,6 +216,7 @@ def batching_strategy(task: Any, app: Any, consumer: Any, **_: Any) -> Callable[
             "this worker has no model server: start it with `celery -A workers worker`"
         )
     completer: Completer = consumer.controller.model_completer
+    health = consumer.controller.model_health
     held: HeldMessages = consumer.controller.held_messages
     hostname = consumer.hostname
     eventer = consumer.event_dispatcher
@@ -263,6 +296,12 @@ def batching_strategy(task: Any, app: Any, consumer: Any, **_: Any) -> Callable[
                 finished=now,
             )
             server.batcher.finish_now([outcome])
+            return None
+        if key in health.unhealthy_now and routed_here(message, completer.instance_queue):
+            # Sent here before this instance left routing: to the shared queue with it.
+            forward_to_shared(message)
+            held.discard([message.delivery_tag])
+            worker_state.task_ready(request)
             return None
         published = message.headers.get("published_at")
         queued_s = max(time.time() - published, 0.0) if isinstance(published, float) else 0.0

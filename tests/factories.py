@@ -48,3 +48,30 @@ class Picky(nn.Module):
         if bool((x[:, 0] < 0).any()):
             raise ValueError("negative first feature")
         return x * self.weight
+
+
+@register_factory("slowed")
+class Slowed(Recorder):
+    """A recorder that sleeps ``RECORDER_EXTRA_DELAY_S`` more per batch in the worker whose
+    environment says so: one instance slowed on purpose."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        extra = float(os.environ.get("RECORDER_EXTRA_DELAY_S", "0") or 0)
+        if extra:
+            time.sleep(extra)
+        return super().forward(x)
+
+
+@register_factory("flaky")
+class Flaky(nn.Module):
+    """Doubles its input; raises while the file ``fail_path`` exists (a model turning sick)."""
+
+    def __init__(self, features: int = 4, fail_path: str = "") -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((features,), 2.0))
+        self.fail_path = fail_path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fail_path and os.path.exists(self.fail_path):
+            raise RuntimeError(f"{self.fail_path} exists: failing on purpose")
+        return x * self.scale

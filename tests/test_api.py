@@ -267,3 +267,32 @@ def test_read_endpoints_and_schema(stack: Stack) -> None:
         "/metrics",
     }  # fmt: skip
     assert "HTTPBearer" in schema["components"]["securitySchemes"]
+
+
+def test_traffic_split_and_balancing_through_the_api(stack: Stack) -> None:
+    import json
+
+    url = "/autoscaler/traffic?model_name=linear"
+    assert stack.http.post(url, json={"weights": {"v1": 90, "v2": 10}}).status_code == 401
+    ok = stack.http.post(url, json={"weights": {"v1": 90, "v2": 10}}, headers=AUTH)
+    assert ok.status_code == 200, ok.text
+    assert json.loads(stack.redis.hget(keys.TRAFFIC, "linear"))["weights"] == {"v1": 90, "v2": 10}
+    unknown = stack.http.post(url, json={"weights": {"v7": 1}}, headers=AUTH)
+    assert unknown.status_code == 404 and "has no version 'v7'" in unknown.text
+    empty = stack.http.post(url, json={"weights": {"v1": 0}}, headers=AUTH)
+    assert empty.status_code == 422
+    reset = stack.http.delete(url, headers=AUTH)
+    assert reset.status_code == 200 and stack.redis.hget(keys.TRAFFIC, "linear") is None
+
+    balancing = "/autoscaler/balancing?model_name=linear&strategy=weighted_round_robin"
+    ok = stack.http.post(balancing, json={"weights": {stack.worker.hostname: 2}}, headers=AUTH)
+    assert ok.status_code == 200, ok.text
+    record = json.loads(stack.redis.hget(keys.BALANCING, "linear"))
+    assert record == {"strategy": "weighted_round_robin", "weights": {stack.worker.hostname: 2}}
+    bad = stack.http.post("/autoscaler/balancing?model_name=linear&strategy=fastest", headers=AUTH)
+    assert bad.status_code == 422
+    cleared = stack.http.post("/autoscaler/balancing?model_name=linear", headers=AUTH)
+    assert cleared.status_code == 200 and stack.redis.hget(keys.BALANCING, "linear") is None
+    health = stack.http.get("/autoscaler/health").json()
+    instance = health["instances"]["linear/v1"][stack.worker.hostname]
+    assert instance["state"] == "healthy" and instance["routable"]
