@@ -212,13 +212,15 @@ class ScalerLoop:
         for hostname in sorted(view.instance_hosts - set(view.reports) - starting):
             moved = failover(self.store.client, hostname)
             self._forget_routing(hostname)
-            logger.warning(
-                "worker %s is gone: %d of its requests went back to their shared queues",
-                hostname,
-                moved,
-            )
             if moved:
+                logger.warning(
+                    "worker %s is gone: %d of its requests went back to their shared queues",
+                    hostname,
+                    moved,
+                )
                 self.failovers.append((hostname, moved))
+            else:
+                logger.info("worker %s is gone; it held no requests", hostname)
 
     def _forget_routing(self, hostname: str) -> None:
         pipe = self.store.client.pipeline(transaction=False)

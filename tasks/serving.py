@@ -89,6 +89,8 @@ class Reporter:
         try:
             self.client.delete(keys.worker_report_key(self.worker.hostname))
             self.client.zrem(keys.WORKERS, self.worker.hostname)
+            # Its own queue stays announced: producers may still route there for a moment,
+            # and the scaler's failover moves what lands there and forgets the queue.
         except Exception as exc:
             logger.warning("worker %s could not remove its report: %s", self.worker.hostname, exc)
 
