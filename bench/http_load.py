@@ -1,7 +1,7 @@
 """HTTP load generator, run in its own process: ``python -m bench.http_load --url ...``.
 
-Keeps ``--outstanding`` ``POST /predict`` requests in flight for ``--seconds`` (one event
-loop, one connection per outstanding request) and prints one JSON line of figures.
+Keeps ``--outstanding`` ``POST /predict`` requests in flight for ``--seconds`` (aiohttp, one
+event loop, one connection per outstanding request) and prints one JSON line of figures.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import asyncio
 import json
 import time
 
-import httpx
+import aiohttp
 import numpy as np
 
 SHAPES = {"tiny_mlp": (64,), "small_cnn": (3, 64, 64)}
@@ -30,10 +30,17 @@ async def main() -> None:
         {"model": args.model, "inputs": rng.standard_normal(SHAPES[args.model]).tolist()}
         for _ in range(16)
     ]
-    limits = httpx.Limits(max_connections=args.outstanding + 4)
-    async with httpx.AsyncClient(base_url=args.url, timeout=60, limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=args.outstanding + 4)
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(args.url, connector=connector, timeout=timeout) as client:
+
+        async def post(i: int) -> None:
+            async with client.post("/predict", json=bodies[i % 16]) as response:
+                response.raise_for_status()
+                await response.read()
+
         for i in range(20):  # warm: connections, the model
-            (await client.post("/predict", json=bodies[i % 16])).raise_for_status()
+            await post(i)
         latencies: list[float] = []
         deadline = time.perf_counter() + args.seconds
 
@@ -41,8 +48,7 @@ async def main() -> None:
             i = k
             while time.perf_counter() < deadline:
                 t0 = time.perf_counter()
-                response = await client.post("/predict", json=bodies[i % 16])
-                response.raise_for_status()
+                await post(i)
                 latencies.append(time.perf_counter() - t0)
                 i += args.outstanding
 

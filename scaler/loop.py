@@ -68,6 +68,15 @@ class ScalerLoop:
         self.last: TickResult | None = None
         self.failovers: deque[tuple[str, int]] = deque(maxlen=100)
         settings = metrics_settings()
+        learning_s = config.zero_scaling.learning_window_hours * 3600
+        if config.enable_metrics and settings.minute_retention_s < learning_s:
+            logger.warning(
+                "METRICS_MINUTE_RETENTION_S=%d keeps less than learning_window_hours=%g of "
+                "history; raise it to at least %d",
+                settings.minute_retention_s,
+                config.zero_scaling.learning_window_hours,
+                learning_s,
+            )
         self.metrics = MetricsRecorder(client, settings)
         self.history = MetricsHistory(client, settings)
         self.alerts = AlertManager(

@@ -252,6 +252,16 @@ def test_metrics_of_a_scripted_workload(stack: Stack) -> None:
     assert stack.worker.hostname in workers
 
 
+def test_made_up_model_names_never_become_metrics(stack: Stack) -> None:
+    for i in range(50):
+        response = stack.http.post("/predict", json={"model": f"made-up-{i}", "inputs": [1]})
+        assert response.status_code == 404
+    fields = [keys.text(f) for f in stack.redis.hkeys(keys.METRICS_TOTAL)]
+    assert fields and not [f for f in fields if "made-up" in f]
+    text = stack.http.get("/metrics").text
+    assert "made-up" not in text
+
+
 def test_read_endpoints_and_schema(stack: Stack) -> None:
     models = stack.http.get("/models").json()["models"]
     assert set(models) >= {"example", "linear", "tiny_mlp", "small_cnn", "slow"}
