@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import time
 
 import aiohttp
 import numpy as np
+
+from bench.figures import print_figures
 
 SHAPES = {"tiny_mlp": (64,), "small_cnn": (3, 64, 64)}
 
@@ -55,18 +56,7 @@ async def main() -> None:
         started = time.perf_counter()
         await asyncio.gather(*(user(k) for k in range(args.outstanding)))
         elapsed = time.perf_counter() - started
-    lat = np.asarray(latencies) * 1000
-    print(
-        json.dumps(
-            {
-                "completed": len(latencies),
-                "elapsed_s": elapsed,
-                "throughput": len(latencies) / elapsed,
-                "p50_ms": float(np.percentile(lat, 50)),
-                "p99_ms": float(np.percentile(lat, 99)),
-            }
-        )
-    )
+    print_figures(latencies, elapsed)
 
 
 if __name__ == "__main__":

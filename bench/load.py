@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import time
 from typing import Any
 
 import numpy as np
+
+from bench.figures import print_figures
 
 SHAPES = {"tiny_mlp": (64,), "small_cnn": (3, 64, 64)}
 
@@ -66,18 +67,7 @@ def main() -> None:
                 window.append((time.perf_counter(), send(i)))
                 i += 1
     elapsed = time.perf_counter() - started
-    lat = np.asarray(latencies) * 1000
-    print(
-        json.dumps(
-            {
-                "completed": len(latencies),
-                "elapsed_s": elapsed,
-                "throughput": len(latencies) / elapsed,
-                "p50_ms": float(np.percentile(lat, 50)),
-                "p99_ms": float(np.percentile(lat, 99)),
-            }
-        )
-    )
+    print_figures(latencies, elapsed)
 
 
 if __name__ == "__main__":

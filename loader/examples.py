@@ -66,45 +66,42 @@ def write_small_cnn(root: Path) -> None:
     )
 
 
-def write_linear(root: Path) -> None:
-    for seed, version in ((2, "v1"), (3, "v2")):
-        torch.manual_seed(seed)
-        folder = root / "linear" / version
-        folder.mkdir(parents=True, exist_ok=True)
-        torch.save(Linear().state_dict(), folder / "model.pt")
-        _write_spec(
-            folder,
-            {
-                "format": "state_dict",
-                "file": "model.pt",
-                "factory": "linear",
-                "factory_kwargs": {"in_features": 8, "out_features": 4},
-                "input": {"dtype": "float32", "shape": [8]},
-                "batching": {"max_batch_size": 32, "max_batch_delay_ms": 0},
-                "description": f"affine 8 -> 4, weights of seed {seed}",
-            },
-        )
-    (root / "linear" / "model.json").write_text(json.dumps({"default_version": "v1"}) + "\n")
-
-
-def write_example(root: Path) -> None:
-    """SEED.md's ``example`` model: the HTTP API's default, float32[3] -> 2."""
-    torch.manual_seed(1)
-    folder = root / "example" / "v1"
+def _write_affine(
+    root: Path, name: str, version: str, *, seed: int, features: tuple[int, int], about: str
+) -> None:
+    torch.manual_seed(seed)
+    folder = root / name / version
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(Linear(3, 2).state_dict(), folder / "model.pt")
+    torch.save(Linear(*features).state_dict(), folder / "model.pt")
     _write_spec(
         folder,
         {
             "format": "state_dict",
             "file": "model.pt",
             "factory": "linear",
-            "factory_kwargs": {"in_features": 3, "out_features": 2},
-            "input": {"dtype": "float32", "shape": [3]},
+            "factory_kwargs": {"in_features": features[0], "out_features": features[1]},
+            "input": {"dtype": "float32", "shape": [features[0]]},
             "batching": {"max_batch_size": 32, "max_batch_delay_ms": 0},
-            "description": "affine 3 -> 2 (the API's default model)",
+            "description": about,
         },
     )
+
+
+def write_linear(root: Path) -> None:
+    for seed, version in ((2, "v1"), (3, "v2")):
+        _write_affine(
+            root, "linear", version, seed=seed, features=(8, 4),
+            about=f"affine 8 -> 4, weights of seed {seed}",
+        )  # fmt: skip
+    (root / "linear" / "model.json").write_text(json.dumps({"default_version": "v1"}) + "\n")
+
+
+def write_example(root: Path) -> None:
+    """SEED.md's ``example`` model: the HTTP API's default, float32[3] -> 2."""
+    _write_affine(
+        root, "example", "v1", seed=1, features=(3, 2),
+        about="affine 3 -> 2 (the API's default model)",
+    )  # fmt: skip
 
 
 def write_examples(root: Path | str) -> Path:
