@@ -174,8 +174,9 @@ def _noop() -> None:
     return None
 
 
-def forward_to_shared(message: Any) -> None:
-    """Move a delivered request to the head of its version's shared queue, then ack it."""
+def forward_to_shared(message: Any, key: ModelKey, hostname: str) -> None:
+    """Move a delivered request to the head of its version's shared queue, then ack it; it
+    no longer counts as in flight here."""
     from tasks.failover import destination
 
     envelope = dict(message._raw)
@@ -183,7 +184,10 @@ def forward_to_shared(message: Any) -> None:
     if target is None:
         return
     with message.channel.conn_or_acquire() as client:
-        client.rpush(target, json.dumps(envelope))
+        pipe = client.pipeline()
+        pipe.rpush(target, json.dumps(envelope))
+        pipe.hincrby(keys.routing_state_key(*key), f"inflight:{hostname}", -1)
+        pipe.execute()
     message.ack()
 
 
@@ -299,7 +303,7 @@ def batching_strategy(task: Any, app: Any, consumer: Any, **_: Any) -> Callable[
             return None
         if key in health.unhealthy_now and routed_here(message, completer.instance_queue):
             # Sent here before this instance left routing: to the shared queue with it.
-            forward_to_shared(message)
+            forward_to_shared(message, key, hostname)
             held.discard([message.delivery_tag])
             worker_state.task_ready(request)
             return None
