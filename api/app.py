@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import numpy as np
+import redis
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -235,6 +236,13 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.add_middleware(PayloadLimit, limit=serving.max_payload_bytes)
+
+    @app.exception_handler(redis.RedisError)
+    async def redis_unreachable(request: Request, exc: redis.RedisError) -> JSONResponse:
+        # Redis restarting or away: the caller hears it now, and may retry.
+        return JSONResponse(
+            {"detail": f"Redis is unreachable: {type(exc).__name__}: {exc}"}, status_code=503
+        )
 
     def manager(
         request: Request,

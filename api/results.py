@@ -14,6 +14,7 @@ import contextlib
 import logging
 from typing import Any
 
+import redis
 import redis.asyncio as aioredis
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,11 @@ class ResultWaiter:
         """Register interest in a result; call before queueing the task."""
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending[task_id] = future
-        await asyncio.wait_for(self._connected.wait(), timeout=10)
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout=10)
+        except asyncio.TimeoutError:
+            self._pending.pop(task_id, None)
+            raise redis.ConnectionError("no result subscription for 10 s") from None
         async with self._lock:
             await self._pubsub.subscribe(RESULT_PREFIX + task_id)
         return future

@@ -306,3 +306,23 @@ def test_traffic_split_and_balancing_through_the_api(stack: Stack) -> None:
     health = stack.http.get("/autoscaler/health").json()
     instance = health["instances"]["linear/v1"][stack.worker.hostname]
     assert instance["state"] == "healthy" and instance["routable"]
+
+
+def test_a_restarted_redis_costs_a_retry_not_a_timeout(stack: Stack, redis_server: Any) -> None:
+    """Last in this module: it restarts the server under the running stack."""
+    redis_server.stop()
+    try:
+        started = time.monotonic()
+        down = stack.http.post("/predict", json={"inputs": [1, 2, 3], "timeout": 30})
+        assert down.status_code == 503, down.text
+        assert "Redis is unreachable" in down.text
+        assert time.monotonic() - started < 20
+    finally:
+        redis_server.start()
+
+    def answered() -> bool:
+        response = stack.http.post("/predict", json={"inputs": [1, 2, 3], "timeout": 10})
+        return response.status_code == 200
+
+    # The worker republishes the registry and reconnects; the API's subscription too.
+    wait_for(answered, timeout_s=60, what="answers after the restart")
