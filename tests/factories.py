@@ -64,7 +64,8 @@ class Slowed(Recorder):
 
 @register_factory("flaky")
 class Flaky(nn.Module):
-    """Doubles its input; raises while the file ``fail_path`` exists (a model turning sick)."""
+    """Doubles its input; raises while the file ``fail_path`` (or ``FLAKY_FAIL_PATH`` in this
+    worker's environment) exists: a model turning sick, in every worker or in one."""
 
     def __init__(self, features: int = 4, fail_path: str = "") -> None:
         super().__init__()
@@ -72,6 +73,7 @@ class Flaky(nn.Module):
         self.fail_path = fail_path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fail_path and os.path.exists(self.fail_path):
-            raise RuntimeError(f"{self.fail_path} exists: failing on purpose")
+        path = self.fail_path or os.environ.get("FLAKY_FAIL_PATH", "")
+        if path and os.path.exists(path):
+            raise RuntimeError(f"{path} exists: failing on purpose")
         return x * self.scale

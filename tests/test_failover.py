@@ -156,3 +156,62 @@ def test_a_killed_worker_s_own_queue_is_failed_over_at_once(
         for worker in (victim, other):
             worker.stop(timeout_s=15)
         asyncio.run(autoscaler.stop())
+
+
+def test_requests_sent_to_an_unhealthy_instance_are_forwarded(
+    client: redis.Redis, repo: Path, tmp_path: Path
+) -> None:
+    """A producer whose view of the instances is stale still loses nothing: the sick
+    instance sends what reaches its own queue to the shared queue, a healthy one answers."""
+    from loader.registry import publish_registry
+    from loader.repository import ModelRepository
+    from tasks import predict
+    from workers import app
+
+    fail = tmp_path / "sick"
+    write_state_dict_model(repo, "flaky", "v1", factory="flaky")
+    publish_registry(client, ModelRepository(repo).registry())
+    ScalerStore(client).set_override(ModelKey("flaky", "v1"), {"instances": 2})
+    env = {
+        "MODEL_REPOSITORY": str(repo),
+        "WORKER_MODELS": "flaky:v1",
+        "WORKER_HEALTH_CHECK_INTERVAL_S": "0.2",
+        "WORKER_HEALTH_COOLDOWN_S": "300",
+    }
+    queue = keys.queue_name("flaky", "v1")
+    sick = WorkerProcess(
+        "sick", queues=[queue], env={**env, "FLAKY_FAIL_PATH": str(fail)}, log_dir=tmp_path
+    )
+    well = WorkerProcess("well", queues=[queue], env=env, log_dir=tmp_path)
+    beat = BeatProcess("forward-beat", env={**env, **SCALER}, log_dir=tmp_path)
+    autoscaler = Autoscaler(AutoscalerConfig(backend="static"), run_scaler=False)
+    balancer = app.conf.task_routes[0].balancer
+    try:
+        sick.wait_ready(client)
+        well.wait_ready(client)
+        wait_for(lambda: len(members(client, "flaky/v1")) == 2, timeout_s=60, what="2 instances")
+        asyncio.run(autoscaler.set_load_balancing("flaky", LoadBalancingStrategy.ROUND_ROBIN))
+        balancer._versions.clear()
+        balancer.routing("flaky", "v1")
+        balancer.ttl_s = 3600  # this producer keeps routing to both
+        fail.touch()
+        wait_for(
+            lambda: members(client, "flaky/v1") == [well.hostname],
+            timeout_s=30,
+            what="the sick instance out of routing",
+        )
+        results = [predict.delay("flaky", [float(i)] * 4) for i in range(40)]
+        assert [r.get(timeout=60)[0] for r in results] == [2.0 * i for i in range(40)]
+        state = client.hgetall(keys.routing_state_key("flaky", "v1"))
+        assert int(state.get(f"inflight:{sick.hostname}".encode(), 0)) == 0
+        assert (
+            "failing on purpose"
+            in (autoscaler.get_health_status()["instances"]["flaky/v1"][sick.hostname]["reason"])
+        )
+    finally:
+        balancer.ttl_s = 1.0
+        balancer._versions.clear()
+        beat.stop()
+        for worker in (sick, well):
+            worker.stop(timeout_s=15)
+        asyncio.run(autoscaler.stop())
