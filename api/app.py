@@ -572,15 +572,8 @@ async def _await_result(
 
 def _instance_ready(app: FastAPI, model: str, version: str) -> bool:
     """Whether some worker reports this version loaded and its queue consumed."""
-    client = app.state.autoscaler.store.client
-    names = [keys.text(h) for h in client.zrangebyscore(keys.WORKERS, time.time() - 10, "+inf")]
-    if not names:
-        return False
     queue = keys.queue_name(model, version)
-    for raw in client.mget([keys.worker_report_key(h) for h in names]):
-        if raw is None:
-            continue
-        report = json.loads(raw)
+    for report in app.state.autoscaler.store.live_reports().values():
         loaded = {(m["name"], m["version"]) for m in report.get("models", [])}
         if (model, version) in loaded and queue in report.get("queues", []):
             return True

@@ -8,7 +8,6 @@ API replica exposes the same fleet-wide numbers, labelled by model, version and 
 from __future__ import annotations
 
 import json
-import time
 from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
@@ -47,19 +46,13 @@ class FleetCollector:
         pipe = self.client.pipeline(transaction=False)
         pipe.hgetall(keys.METRICS_TOTAL)
         pipe.get(keys.SCALER_STATUS)
-        pipe.zrangebyscore(keys.WORKERS, time.time() - 10, "+inf")
         pipe.hgetall(keys.POPULARITY)
         pipe.hgetall(keys.ALERTS_ACTIVE)
-        totals_raw, status_raw, hostnames, popularity, alerts = pipe.execute()
+        totals_raw, status_raw, popularity, alerts = pipe.execute()
         totals = {keys.text(k): float(v) for k, v in totals_raw.items()}
         yield from self._counters(totals)
         status = json.loads(status_raw) if status_raw else {}
-        names = [keys.text(h) for h in hostnames]
-        reports = [
-            json.loads(r)
-            for r in (self.client.mget([keys.worker_report_key(n) for n in names]) if names else [])
-            if r is not None
-        ]
+        reports = list(ScalerStore(self.client).live_reports().values())
         yield from self._gauges(status, reports, popularity, alerts)
 
     def _counters(self, totals: dict[str, float]) -> Iterator[Metric]:

@@ -174,8 +174,3 @@ class HealthChecker:
                     "last_probe_age_s": round(max(now - health.last_probe, 0.0), 3),
                 }
         return result
-
-    def unhealthy(self) -> set[ModelKey]:
-        self.describe()  # expire cool-downs
-        with self._lock:
-            return {k for k, h in self._health.items() if h.state == UNHEALTHY}

@@ -295,12 +295,7 @@ class Autoscaler:
         }
 
     def _reports(self) -> dict[str, dict[str, Any]]:
-        found: list[bytes] = self._client.zrangebyscore(keys.WORKERS, time.time() - 10, "+inf")  # type: ignore[assignment]
-        names = [keys.text(h) for h in found]
-        if not names:
-            return {}
-        raws = self._client.mget([keys.worker_report_key(n) for n in names])
-        return {n: json.loads(r) for n, r in zip(names, raws, strict=True) if r is not None}
+        return self.store.live_reports()
 
     def add_alert_callback(self, callback: AlertCallback) -> None:
         """Register ``callback(alert_key, message)``.

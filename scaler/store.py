@@ -9,6 +9,7 @@ one for the worker reports (and the registry itself when it changed).
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -191,6 +192,17 @@ class ScalerStore:
         hosts = {keys.text(q)[prefix:] for q in instance_queues}
         return FleetView(snapshot=snapshot, reports=reports, fleet=fleet, instance_hosts=hosts)
 
+    def live_reports(self, max_age_s: float = 10.0) -> dict[str, dict[str, Any]]:
+        """The reports of the workers that reported within ``max_age_s``, by hostname."""
+        found: list[bytes] = self.client.zrangebyscore(  # type: ignore[assignment]
+            keys.WORKERS, time.time() - max_age_s, "+inf"
+        )
+        names = [keys.text(h) for h in found]
+        if not names:
+            return {}
+        raws = self.client.mget([keys.worker_report_key(n) for n in names])
+        return {n: json.loads(r) for n, r in zip(names, raws, strict=True) if r is not None}
+
     def registered(self) -> list[ModelKey]:
         return list(self._sizes)
 
@@ -253,7 +265,11 @@ class ScalerStore:
                 capacity_bytes=int(report.get("capacity_bytes", 10 * 1024**3)),
                 max_models=int(report.get("max_models", 5)),
                 managed=name in fleet,
-                unhealthy=frozenset(parse_key(t) for t in report.get("unhealthy", [])),
+                unhealthy=frozenset(
+                    parse_key(text)
+                    for text, check in report.get("instances_health", {}).items()
+                    if check["state"] == "unhealthy"
+                ),
             )
         for name, record in fleet.items():
             if name not in workers and not record.seen and not record.stopping:

@@ -135,7 +135,7 @@ class Reporter:
             device_reading = {"gpu": None, "reason": "no GPU: this worker runs on the CPU"}
         models = server.cache.describe()
         health = self.health.describe() if self.health is not None else {}
-        unhealthy = [text for text, h in health.items() if h["state"] == UNHEALTHY]
+        unhealthy = any(h["state"] == UNHEALTHY for h in health.values())
         return {
             "hostname": self.worker.hostname,
             "host": socket.gethostname(),
@@ -169,7 +169,6 @@ class Reporter:
             "health": "degraded" if unhealthy else "ok",
             # Per loaded model version: healthy / unhealthy / retrying, failures, reason.
             "instances_health": health,
-            "unhealthy": sorted(unhealthy),
             "instance_queue": keys.instance_queue(self.worker.hostname),
             "report_interval_s": self.interval_s,
         }
