@@ -427,9 +427,12 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         timeout = min(request.timeout or settings.default_timeout_s, settings.max_timeout_s)
         started = time.perf_counter()
         router = app.state.router
+        def lookup() -> tuple[str, dict[str, Any]]:
+            version = router.registry.resolve(model, request.version)
+            return version, router.registry.entry(model)
+
         try:
-            version = await asyncio.to_thread(router.registry.resolve, model, request.version)
-            entry = await asyncio.to_thread(router.registry.entry, model)
+            version, entry = await asyncio.to_thread(lookup)
         except InferenceError as exc:
             raise HTTPException(status_of(exc), detail=str(exc)) from None
         schema = InputSchema(**entry["versions"][version]["input"])
