@@ -270,3 +270,26 @@ def test_placement_never_exceeds_a_workers_memory_or_slots(
         assert len(keys) <= cap_models
         assert sum(models[k] for k in keys) <= cap_bytes
     assert len(infos) + plan.start_workers <= cfg.max_workers
+
+
+def test_an_unhealthy_instance_is_replaced_elsewhere_and_not_placed_back() -> None:
+    cfg = config(max_workers=3)
+    sick = WorkerInfo("w-sick", serving=frozenset({A}), loaded=frozenset({A}),
+                      unhealthy=frozenset({A}))  # fmt: skip
+    idle = WorkerInfo("w-idle")
+    snapshot = Snapshot(
+        now=0.0, models=MODELS, workers={"w-sick": sick, "w-idle": idle}, pins={A: 1}
+    )
+    assert snapshot.current(A) == 0  # the sick instance does not count
+    plan, _ = decide(snapshot, cfg, PolicyState())
+    assert A not in plan.assignments["w-sick"]  # it stops consuming the version
+    assert A in plan.assignments["w-idle"]  # another worker takes it
+    # With no other worker, a new one is started rather than the sick one reused.
+    alone = replace(snapshot, workers={"w-sick": sick})
+    plan, _ = decide(alone, cfg, PolicyState())
+    assert A not in plan.assignments["w-sick"]
+    assert plan.start_workers == 1
+    # Once the worker retries it (the cooldown is over), it may serve it again.
+    retried = replace(alone, workers={"w-sick": replace(sick, unhealthy=frozenset())})
+    plan, _ = decide(retried, cfg, PolicyState())
+    assert A in plan.assignments["w-sick"]
