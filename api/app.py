@@ -427,6 +427,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         timeout = min(request.timeout or settings.default_timeout_s, settings.max_timeout_s)
         started = time.perf_counter()
         router = app.state.router
+
         def lookup() -> tuple[str, dict[str, Any]]:
             version = router.registry.resolve(model, request.version)
             return version, router.registry.entry(model)

@@ -2,7 +2,8 @@
 
 An alert is one rule for one subject (the fleet, or a model version): it *fires* when the
 value over the window goes above its threshold, fires again (*repeat*) only after
-``alert_cooldown_seconds`` while it stays above, and *resolves* when it goes back. Every
+``alert_cooldown_seconds`` while it stays above, and *resolves* when it goes below 90% of
+the threshold (or has no value any more). Every
 event is kept in Redis (the active alerts and a capped history), published on a channel
 (the ``Autoscaler.add_alert_callback`` callbacks of every process listen to it) and, when
 configured, POSTed as JSON to a webhook with a timeout, from a background thread.
@@ -25,6 +26,9 @@ from common import keys
 logger = logging.getLogger(__name__)
 
 HISTORY_LIMIT = 1000
+# A firing alert resolves only below this fraction of its threshold: a value hovering at
+# the threshold does not fire and resolve every tick.
+RESOLVE_BELOW = 0.9
 
 
 @dataclass(frozen=True)
@@ -109,9 +113,13 @@ class AlertManager:
         breaching: set[str] = set()
         for rule_name, subject, value in readings(metrics, queued):
             threshold = self.thresholds.get(rule_name)
-            if threshold is None or value <= threshold:
+            if threshold is None:
                 continue
             key = rule_name if subject == "fleet" else f"{rule_name}:{subject}"
+            if value <= threshold:
+                if key in active and value > threshold * RESOLVE_BELOW:
+                    breaching.add(key)  # in the hysteresis band: still firing, not repeated
+                continue
             breaching.add(key)
             state = active.get(key)
             if state is not None and now - state["last_sent"] < self.cooldown_s:

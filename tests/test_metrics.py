@@ -322,3 +322,11 @@ def test_the_scaler_records_fleet_metrics_and_alerts_reach_callbacks(
         import asyncio
 
         asyncio.run(autoscaler.stop())
+
+
+def test_a_value_hovering_at_the_threshold_does_not_flap(client: redis.Redis) -> None:
+    manager = AlertManager(client, {"cpu_usage_percent": 80.0}, window_s=60, cooldown_s=300)
+    states = []
+    for t, cpu in enumerate((85.0, 79.0, 81.0, 75.0, 71.0)):
+        states += [e["state"] for e in manager.evaluate({"cpu_usage_percent": cpu}, {}, NOW + t)]
+    assert states == ["firing", "resolved"]  # 79 and 75 are within 10%; 71 is not
