@@ -150,10 +150,7 @@ async def run(server: Any) -> int:
 
         timeline.phase = "3. round robin over 2 instances"
         await autoscaler.scale_model("tiny_mlp", 2)
-        await wait_until(
-            lambda: len(autoscaler.get_health_status()["instances"].get("tiny_mlp/v1", {})) == 2,
-            timeout_s=60,
-        )
+        await wait_until(lambda: len(autoscaler.routable_instances("tiny_mlp")) == 2, 60)
         await autoscaler.set_load_balancing("tiny_mlp", LoadBalancingStrategy.ROUND_ROBIN)
         before = served_by_worker(autoscaler)
         results = [predict.delay("tiny_mlp", inputs[i % 16]) for i in range(600)]

@@ -294,6 +294,13 @@ class Autoscaler:
             "instances": dict(sorted(instances.items())),
         }
 
+    def routable_instances(self, model_name: str, version: str | None = None) -> list[str]:
+        """The workers the load-balancing strategies route this version to (healthy, serving,
+        holding the model), as the scaler last published them."""
+        key = self._key(model_name, version)
+        raw = self._client.hget(keys.INSTANCES, keys.model_key_text(*key))
+        return list(json.loads(raw)) if raw else []
+
     def _reports(self) -> dict[str, dict[str, Any]]:
         return self.store.live_reports()
 

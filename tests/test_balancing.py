@@ -134,6 +134,12 @@ def fleet(
             worker.stop(timeout_s=15)
 
 
+def test_routable_instances_are_both_workers(fleet: Fleet) -> None:
+    hostnames = sorted(w.hostname for w in fleet.workers.values())
+    assert fleet.autoscaler.routable_instances("rec") == hostnames
+    assert fleet.autoscaler.routable_instances("linear", "v2") == [fleet.workers["fast"].hostname]
+
+
 def test_round_robin_is_even_within_one(fleet: Fleet) -> None:
     fleet.strategy(LoadBalancingStrategy.ROUND_ROBIN)
     counts = fleet.send(N)
