@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,7 +66,6 @@ class ScalerLoop:
         self._unloads: dict[str, tuple[float, int, int]] = {}  # worker -> (time, rss, bytes)
         self._cold_since: dict[ModelKey, float] = {}
         self.last: TickResult | None = None
-        self.failovers: deque[tuple[str, int]] = deque(maxlen=100)
         settings = metrics_settings()
         learning_s = config.zero_scaling.learning_window_hours * 3600
         if config.enable_metrics and settings.minute_retention_s < learning_s:
@@ -227,7 +226,6 @@ class ScalerLoop:
                     hostname,
                     moved,
                 )
-                self.failovers.append((hostname, moved))
             else:
                 logger.info("worker %s is gone; it held no requests", hostname)
 

@@ -169,7 +169,8 @@ class Reporter:
             "health": "degraded" if unhealthy else "ok",
             # Per loaded model version: healthy / unhealthy / retrying, failures, reason.
             "instances_health": health,
-            "instance_queue": keys.instance_queue(self.worker.hostname),
+            # Seconds of metrics given up while Redis was unreachable for over a minute.
+            "metrics_dropped_seconds": self.metrics.dropped_seconds,
             "report_interval_s": self.interval_s,
         }
 
