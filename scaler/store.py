@@ -162,13 +162,14 @@ class ScalerStore:
             for name, raw in zip(names, reports_raw, strict=True)
             if raw is not None
         }
-        # A worker whose heartbeat stopped (four report intervals, at least one second) is
-        # gone: its instances leave routing and its requests are failed over.
+        # A worker whose heartbeat stopped (four report intervals, at least three seconds:
+        # a busy 2-core host delays reports by a second) is gone: its instances leave
+        # routing and its requests are failed over.
         reports = {
             name: report
             for name, report in reports.items()
             if now - float(report.get("time", now))
-            <= max(4 * report.get("report_interval_s", 1.0), 1.0)
+            <= max(4 * report.get("report_interval_s", 1.0), 3.0)
         }
         fleet = {h.decode(): FleetRecord.from_json(raw) for h, raw in fleet_raw.items()}
         queued: dict[ModelKey, int] = {}
