@@ -137,7 +137,13 @@ def fleet(
 def test_routable_instances_are_both_workers(fleet: Fleet) -> None:
     hostnames = sorted(w.hostname for w in fleet.workers.values())
     assert fleet.autoscaler.routable_instances("rec") == hostnames
-    assert fleet.autoscaler.routable_instances("linear", "v2") == [fleet.workers["fast"].hostname]
+    fast = [fleet.workers["fast"].hostname]
+    # linear/v2 loads beside rec/v1 on "fast": routable once loaded and the scaler has ticked
+    wait_for(
+        lambda: fleet.autoscaler.routable_instances("linear", "v2") == fast,
+        timeout_s=30,
+        what="linear/v2 routable on the fast worker",
+    )
 
 
 def test_round_robin_is_even_within_one(fleet: Fleet) -> None:
