@@ -212,7 +212,7 @@ async def run(server: Any) -> int:
 
 
 def served_by_worker(autoscaler: Any) -> dict[str, int]:
-    reports = autoscaler._reports()
+    reports = autoscaler.store.live_reports()
     return {name: int(r.get("served", 0)) for name, r in reports.items()}
 
 

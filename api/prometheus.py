@@ -23,7 +23,7 @@ from prometheus_client.core import (
 
 from common import keys
 from monitoring.metrics import BATCH_BOUNDS, FLEET, LATENCY_BOUNDS_MS, MODEL
-from scaler.store import ScalerStore
+from scaler.store import ScalerStore, instance_states
 
 # Every third latency bound (about x1.95 apart): exact cumulative counts, fewer series.
 _EXPORTED_LATENCY = tuple(range(0, len(LATENCY_BOUNDS_MS), 3))
@@ -140,13 +140,10 @@ class FleetCollector:
             "Instances per model version (active: model loaded; loading)",
             labels=["model", "version", "state"],
         )
-        counts: defaultdict[tuple[str, str], int] = defaultdict(int)
-        for info in status.get("workers", {}).values():
-            loaded = set(info.get("loaded", []))
-            for text in info.get("serving", []):
-                counts[(text, "active" if text in loaded else "loading")] += 1
-        for (text, state), n in sorted(counts.items()):
-            instances.add_metric([*text.split("/", 1), state], n)
+        for text, counts in sorted(instance_states(status).items()):
+            for state, n in counts.items():
+                if n:
+                    instances.add_metric([*text.split("/", 1), state], n)
         yield instances
         depth = GaugeMetricFamily(
             "inference_queue_depth",

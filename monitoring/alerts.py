@@ -101,7 +101,7 @@ class AlertManager:
     def active(self) -> dict[str, dict[str, Any]]:
         if self._active is None:
             raw = self.client.hgetall(keys.ALERTS_ACTIVE)
-            self._active = {_text(k): json.loads(v) for k, v in raw.items()}
+            self._active = {keys.text(k): json.loads(v) for k, v in raw.items()}
         return self._active
 
     def evaluate(
@@ -260,8 +260,4 @@ def history(client: redis.Redis, limit: int = 100) -> list[dict[str, Any]]:
 
 
 def active_alerts(client: redis.Redis) -> dict[str, dict[str, Any]]:
-    return {_text(k): json.loads(v) for k, v in client.hgetall(keys.ALERTS_ACTIVE).items()}
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+    return {keys.text(k): json.loads(v) for k, v in client.hgetall(keys.ALERTS_ACTIVE).items()}

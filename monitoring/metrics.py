@@ -355,7 +355,7 @@ class MetricsHistory:
             first = (end - window_s) // 60 + 1
             bucket_keys = [keys.metrics_minute_key(t) for t in range(first, end // 60 + 1)]
         flat = self._sum(keys=bucket_keys, args=[])
-        return {_text(flat[i]): float(flat[i + 1]) for i in range(0, len(flat), 2)}, resolution
+        return {keys.text(flat[i]): float(flat[i + 1]) for i in range(0, len(flat), 2)}, resolution
 
     def window(
         self, window_s: int, *, now: float | None = None, model: str | None = None
@@ -452,7 +452,3 @@ def _resources(workers: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
         "gpu": "reported" if gpus else "no GPU reported by any worker",
         "workers": per_worker,
     }
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

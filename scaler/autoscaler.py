@@ -34,7 +34,7 @@ from scaler.config import (
     ZeroScalingConfig,
 )
 from scaler.loop import ScalerLoop
-from scaler.store import ScalerStore
+from scaler.store import ScalerStore, instance_states
 
 logger = logging.getLogger(__name__)
 
@@ -229,16 +229,9 @@ class Autoscaler:
         metrics = MetricsHistory(self._client, metrics_settings()).window(
             window_seconds, model=model
         )
-        status = self.store.status() or {}
-        active = loading = 0
-        instances: dict[str, dict[str, int]] = {}
-        for info in status.get("workers", {}).values():
-            loaded = set(info.get("loaded", []))
-            for text in info.get("serving", []):
-                state = "active" if text in loaded else "loading"
-                active, loading = active + (state == "active"), loading + (state == "loading")
-                counts = instances.setdefault(text, {"active": 0, "loading": 0})
-                counts[state] += 1
+        instances = instance_states(self.store.status() or {})
+        active = sum(c["active"] for c in instances.values())
+        loading = sum(c["loading"] for c in instances.values())
         popularity = {
             keys.text(k): round(float(v), 3)
             for k, v in self._client.hgetall(keys.POPULARITY).items()
@@ -263,7 +256,7 @@ class Autoscaler:
         scaler_age = time.time() - status["time"] if status else None
         healthy_scaler = scaler_age is not None and scaler_age < 5 * self.config.tick_interval_s + 5
         workers = status.get("workers", {}) if status else {}
-        reports = self._reports() if redis_ok else {}
+        reports = self.store.live_reports() if redis_ok else {}
         instances: dict[str, dict[str, dict[str, Any]]] = {}
         for name, report in reports.items():
             checks = report.get("instances_health", {})
@@ -300,9 +293,6 @@ class Autoscaler:
         key = self._key(model_name, version)
         raw = self._client.hget(keys.INSTANCES, keys.model_key_text(*key))
         return list(json.loads(raw)) if raw else []
-
-    def _reports(self) -> dict[str, dict[str, Any]]:
-        return self.store.live_reports()
 
     def add_alert_callback(self, callback: AlertCallback) -> None:
         """Register ``callback(alert_key, message)``.

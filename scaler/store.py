@@ -58,6 +58,17 @@ return 0
 """
 
 
+def instance_states(status: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Per "name/version" of the scaler status: instances active (model loaded) and loading."""
+    counts: dict[str, dict[str, int]] = {}
+    for info in status.get("workers", {}).values():
+        loaded = set(info.get("loaded", []))
+        for text in info.get("serving", []):
+            state = "active" if text in loaded else "loading"
+            counts.setdefault(text, {"active": 0, "loading": 0})[state] += 1
+    return counts
+
+
 def parse_key(text: str) -> ModelKey:
     name, _, version = text.partition("/")
     return ModelKey(name, version)

@@ -122,6 +122,14 @@ class Balancer:
             self._versions[text] = routing
         return routing
 
+    def count_in_flight(self, route: Route, name: str, version: str) -> None:
+        """A request sent to ``route`` outside the fast publish path (which counts it in its
+        own round trip)."""
+        if route.instance is not None:
+            self._redis().hincrby(
+                keys.routing_state_key(name, version), f"inflight:{route.instance}", 1
+            )
+
     def route(self, name: str, version: str, inputs: Any, key: str | None = None) -> Route:
         shared = keys.queue_name(name, version)
         routing = self.routing(name, version)

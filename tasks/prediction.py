@@ -71,9 +71,8 @@ class PredictTask(Task):
                 headers[keys.SHARED_QUEUE_HEADER] = route.shared_queue
             options["headers"] = headers
             result = super().apply_async(args, kwargs, *rest, **options)
-            inflight = _inflight(route, model, kwargs.get("version")) if route else None
-            if inflight is not None and isinstance(router, ModelRouter):
-                router.registry._redis().hincrby(*inflight, 1)
+            if route is not None and isinstance(router, ModelRouter):
+                router.balancer.count_in_flight(route, model, kwargs["version"])
         version = kwargs.get("version")
         if version and isinstance(router, ModelRouter):
             if options.get("priority"):

@@ -69,7 +69,7 @@ class RegistryView:
                     "the model registry is empty: no worker or scaler has published the model "
                     "repository to this Redis yet"
                 )
-            known = sorted(_text(k) for k in self._redis().hkeys(keys.REGISTRY))
+            known = sorted(keys.text(k) for k in self._redis().hkeys(keys.REGISTRY))
             raise UnknownModelError(f"unknown model {name!r}; models: {', '.join(known)}")
         entry: dict[str, Any] = json.loads(raw)
         if split is not None:
@@ -111,7 +111,7 @@ class RegistryView:
         """Wake the scaler when this version has no instance (a cold start)."""
         now = time.monotonic()
         if now - self._served_at >= max(self._ttl_s, 0.5):
-            self._served = {_text(m) for m in self._redis().smembers(keys.SERVED)}
+            self._served = {keys.text(m) for m in self._redis().smembers(keys.SERVED)}
             self._served_at = now
         text = keys.model_key_text(name, version)
         if text not in self._served and now - self._poked.get(text, -1e9) >= 1.0:
@@ -128,10 +128,6 @@ def pick_version(entry: dict[str, Any], rng: random.Random | None = None) -> str
         versions, weights = zip(*traffic.items(), strict=True)
         return (rng or random).choices(versions, weights=weights)[0]
     return str(entry["default_version"])
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 _queues: dict[str, Queue] = {}
