@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import ssl
 
-from kombu.transport import TRANSPORT_ALIASES
-
-from common import keys
-from common.redis import redis_client
 from common.settings import serving_settings, worker_settings
 from tasks import codec
-from tasks.routing import ModelRouter, RegistryView
+from tasks.routing import ModelRouter
 
 _serving = serving_settings()
 _worker = worker_settings()
@@ -28,9 +24,8 @@ result_backend = _serving.backend_url
 broker_use_ssl = _tls_options(broker_url)
 redis_backend_use_ssl = _tls_options(result_backend)
 broker_connection_retry_on_startup = True
-# The project's Redis transport (batch fetch) under kombu's own "redis" names, so that the
-# broker URL keeps its scheme for tools that read it back (Flower's queue lengths).
-TRANSPORT_ALIASES["redis"] = TRANSPORT_ALIASES["rediss"] = "tasks.transport:Transport"
+# Keep reconnecting for as long as Redis is away: a restart is routine, never a worker exit.
+broker_connection_max_retries = None
 
 # No pickle anywhere: JSON for small inputs, msgpack with raw array bytes for arrays.
 task_serializer = "json"
@@ -39,7 +34,9 @@ accept_content = ["json", codec.SERIALIZER]
 result_accept_content = ["json", codec.SERIALIZER]
 event_serializer = "json"
 
-# Delivery: acknowledge after the result is stored; a dead worker's messages come back.
+# Model queues are read by the worker's fetcher (``tasks.broker``: atomic fetch, results
+# stored before the acknowledgement); Celery's consumer keeps remote control and events.
+worker_consumer = "tasks.serving:ServingConsumer"
 task_acks_late = True
 task_reject_on_worker_lost = True
 worker_pool = "threads"
@@ -47,18 +44,12 @@ worker_concurrency = 1
 worker_prefetch_multiplier = _worker.prefetch_count
 broker_transport_options = {
     "visibility_timeout": _serving.visibility_timeout_s,
-    "unacked_restore_interval": _serving.unacked_restore_interval_s,
-    "unacked_restore_throttle": 1,
-    "priority_steps": list(keys.PRIORITY_STEPS),
     "queue_order_strategy": "priority",
 }
 result_expires = _serving.result_expires_s
 
-task_routes = (
-    ModelRouter(
-        RegistryView(lambda: redis_client(_serving.redis_url), ttl_s=_serving.registry_cache_s)
-    ),
-)
+# ``send_task("tasks.predict", ...)`` resolves and routes like ``predict.delay``.
+task_routes = (ModelRouter(),)
 task_create_missing_queues = True
 task_default_queue = "celery"
 

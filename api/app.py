@@ -1,8 +1,9 @@
 """The HTTP API: SEED.md's endpoints on the queue shape (``python -m api``).
 
 ``POST /predict`` and ``POST /predict/batch`` queue the request exactly as
-``predict.delay`` does (same router, same message, same queue) and await its result on a
-shared Redis subscription, so no request holds a thread while it waits. Inputs are checked
+``predict.delay`` does (the same producer, message and queue) through the asynchronous
+client: publishes share one connection and results arrive on one reply channel, so no
+request holds a thread while it waits. Inputs are checked
 against the model's input schema from the registry before they are queued: a bad request
 is answered at once with the field named, never after a timeout.
 
@@ -23,7 +24,6 @@ import ipaddress
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -35,9 +35,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.prometheus import render_metrics
-from api.results import ResultWaiter
 from common import keys
 from common.errors import (
+    BrokerUnavailableError,
     InferenceError,
     InvalidNameError,
     ModelExecutionError,
@@ -51,6 +51,7 @@ from common.errors import (
 from common.settings import ApiSettings, api_settings, metrics_settings, serving_settings
 from loader.spec import InputSchema
 from scaler.config import LoadBalancingStrategy
+from tasks.producer import Call, Pending, decode_result
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,7 @@ _STATUS: list[tuple[type[BaseException], int]] = [
     (PayloadTooLargeError, 413),
     (ModelLoadError, 503),
     (RegistryUnavailableError, 503),
+    (BrokerUnavailableError, 503),
     (ModelExecutionError, 500),
 ]
 
@@ -213,13 +215,16 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from scaler.autoscaler import Autoscaler
+        from tasks.producer import AsyncInferenceClient
         from workers import app as celery_app
 
         app.state.celery = celery_app
-        app.state.router = celery_app.conf.task_routes[0]
         app.state.autoscaler = Autoscaler(run_scaler=False)
-        app.state.waiter = ResultWaiter(serving.backend_url)
-        await app.state.waiter.start()
+        app.state.client = AsyncInferenceClient()
+        try:
+            await app.state.client.start()
+        except BrokerUnavailableError as exc:
+            logger.warning("%s; the API answers 503 until Redis is reachable", exc)
         if not settings.token:
             logger.warning(
                 "API_TOKEN is not set: the management endpoints answer loopback clients only"
@@ -227,7 +232,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            await app.state.waiter.stop()
+            await app.state.client.aclose()
 
     app = FastAPI(
         title="Inference API",
@@ -269,9 +274,10 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
 
     Manage = Depends(manager)
 
-    def resolve(model: str, version: str | None) -> str:
+    async def resolve(model: str, version: str | None) -> str:
+        client = app.state.client
         try:
-            return str(app.state.router.registry.resolve(model, version))
+            return await client.lookup(client.producer.registry.resolve(model, version))
         except InferenceError as exc:
             raise HTTPException(status_of(exc), detail=str(exc)) from None
 
@@ -295,7 +301,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         version: Annotated[str | None, Query(max_length=128)] = None,
     ) -> dict[str, Any]:
         """Pin a version's instances (kept until changed; ``target_instances`` 0 is zero)."""
-        resolved = await asyncio.to_thread(resolve, model_name, version)
+        resolved = await resolve(model_name, version)
         await app.state.autoscaler.scale_model(model_name, target_instances, version=resolved)
         return {"model": model_name, "version": resolved, "target_instances": target_instances}
 
@@ -307,7 +313,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         version: Annotated[str | None, Query(max_length=128)] = None,
     ) -> dict[str, Any]:
         """Load a version now and keep it loaded until it is unloaded."""
-        resolved = await asyncio.to_thread(resolve, model_name, version)
+        resolved = await resolve(model_name, version)
         await app.state.autoscaler.load_model(model_name, resolved)
         return {"model": model_name, "version": resolved, "state": "loading"}
 
@@ -322,7 +328,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         version: Annotated[str | None, Query(max_length=128)] = None,
     ) -> dict[str, Any]:
         """Take a version to zero now; a later request brings it back."""
-        resolved = await asyncio.to_thread(resolve, model_name, version)
+        resolved = await resolve(model_name, version)
         await app.state.autoscaler.unload_model(model_name, resolved)
         return {"model": model_name, "version": resolved, "state": "unloading"}
 
@@ -368,7 +374,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         body: InstanceWeights | None = None,
     ) -> dict[str, Any]:
         """A model's load-balancing strategy (none: the scaler config's default)."""
-        await asyncio.to_thread(resolve, model_name, None)
+        await resolve(model_name, None)
         weights = body.weights if body is not None else None
         try:
             return dict(
@@ -426,36 +432,28 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         model = request.model or settings.default_model
         timeout = min(request.timeout or settings.default_timeout_s, settings.max_timeout_s)
         started = time.perf_counter()
-        router = app.state.router
-
-        def lookup() -> tuple[str, dict[str, Any]]:
-            version = router.registry.resolve(model, request.version)
-            return version, router.registry.entry(model)
-
+        client = app.state.client
+        registry = client.producer.registry
         try:
-            version, entry = await asyncio.to_thread(lookup)
+            version = await client.lookup(registry.resolve(model, request.version))
+            entry = await client.lookup(registry.entry(model))
         except InferenceError as exc:
             raise HTTPException(status_of(exc), detail=str(exc)) from None
         schema = InputSchema(**entry["versions"][version]["input"])
         array = _as_array(request.inputs, schema, single=single)
-        task_id = str(uuid.uuid4())
-        waiter: ResultWaiter = app.state.waiter
-        future = await waiter.subscribe(task_id)
+        call = Call(
+            model, array, single=single, version=version, key=request.key,
+            priority=request.priority, expires=timeout,
+        )  # fmt: skip
         try:
-            await asyncio.to_thread(
-                _queue, app.state.celery, single, model, version, array, request.priority,
-                timeout, task_id, request.key,
-            )  # fmt: skip
-            raw = await _await_result(
-                app, future, task_id, model, version, timeout, settings.cold_start_timeout_s
-            )
-        finally:
-            await waiter.release(task_id)
-        meta = app.state.celery.backend.decode_result(raw)
-        if meta["status"] != "SUCCESS":
-            error = app.state.celery.backend.exception_to_python(meta["result"])
-            raise HTTPException(status_of(error), detail=str(error))
-        outputs = meta["result"]
+            pending = await client.submit(call)
+        except InferenceError as exc:
+            raise HTTPException(status_of(exc), detail=str(exc)) from None
+        raw = await _await_result(app, pending, timeout, settings.cold_start_timeout_s)
+        try:
+            outputs = decode_result(raw)
+        except Exception as exc:
+            raise HTTPException(status_of(exc), detail=str(exc)) from None
         if isinstance(outputs, np.ndarray):
             outputs = outputs.tolist()
         body = PredictResponse(
@@ -506,54 +504,26 @@ def _as_array(inputs: list[Any], schema: InputSchema, *, single: bool) -> np.nda
     return array
 
 
-def _queue(
-    celery_app: Any,
-    single: bool,
-    model: str,
-    version: str,
-    array: np.ndarray,
-    priority: int,
-    timeout: float,
-    task_id: str,
-    key: str | None,
-) -> None:
-    from tasks import predict, predict_batch
-
-    task = predict if single else predict_batch
-    kwargs: dict[str, Any] = {"version": version}
-    if key is not None:
-        kwargs["key"] = key
-    task.apply_async(
-        (model, array),
-        kwargs,
-        task_id=task_id,
-        priority=priority,
-        expires=timeout,
-        subscribe=False,
-    )
-
-
 async def _await_result(
-    app: FastAPI,
-    future: asyncio.Future[bytes],
-    task_id: str,
-    model: str,
-    version: str,
-    timeout: float,
-    cold_start_timeout: float,
+    app: FastAPI, pending: Pending, timeout: float, cold_start_timeout: float
 ) -> bytes:
-    waiter: ResultWaiter = app.state.waiter
+    replies = app.state.client.replies
     deadline = time.monotonic() + timeout
     first = min(timeout, cold_start_timeout)
     try:
-        return await asyncio.wait_for(asyncio.shield(future), first)
+        raw: bytes = await asyncio.wait_for(asyncio.shield(pending.future), first)
+        replies.discard(pending.task_id)
+        return raw
     except asyncio.TimeoutError:
         pass
-    await waiter.check_stored(task_id)
-    if future.done() and not future.cancelled():
-        return future.result()
+    model, version, task_id = pending.model, pending.version, pending.task_id
+    stored = await replies.stored(task_id)
+    if stored is not None:
+        replies.discard(task_id)
+        return stored
     ready = await asyncio.to_thread(_instance_ready, app, model, version)
     if not ready:
+        replies.discard(task_id)
         # The caller is answered now; no worker should run it later.
         await asyncio.to_thread(app.state.celery.control.revoke, task_id)
         raise HTTPException(
@@ -562,16 +532,12 @@ async def _await_result(
             f"{cold_start_timeout:g} s (API_COLD_START_TIMEOUT_S); the request was withdrawn",
         )
     try:
-        return await asyncio.wait_for(
-            asyncio.shield(future), max(deadline - time.monotonic(), 0.001)
-        )
-    except asyncio.TimeoutError:
-        await waiter.check_stored(task_id)
-        if future.done() and not future.cancelled():
-            return future.result()
-        raise HTTPException(
-            504, detail=f"no answer from {model}/{version} within the timeout of {timeout:g} s"
-        ) from None
+        return await replies.wait(task_id, max(deadline - time.monotonic(), 0.001))
+    except Exception as exc:
+        detail = f"no answer from {model}/{version} within the timeout of {timeout:g} s"
+        if isinstance(exc, InferenceError):  # Redis restarted and lost it
+            detail = str(exc)
+        raise HTTPException(504, detail=detail) from None
 
 
 def _instance_ready(app: FastAPI, model: str, version: str) -> bool:

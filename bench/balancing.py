@@ -14,7 +14,7 @@ import redis
 
 from bench.common import QUICK, Row, run_load, start_worker, wait_for
 from common import keys
-from loader.cache import ModelKey
+from common.contracts import ModelKey
 from scaler.config import LoadBalancingStrategy
 
 TINY = keys.queue_name("tiny_mlp", "v1")

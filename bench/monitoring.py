@@ -71,9 +71,9 @@ def drain_rate(env: dict[str, str], logs: Path, *, metrics: bool, count: int) ->
 
 def recorder_cost_us(env: dict[str, str]) -> float:
     """CPU microseconds per request of ``MetricsRecorder.observe`` (batches of 32)."""
+    from common.contracts import ModelKey
     from common.settings import MetricsSettings
     from loader.batching import Item, Outcome
-    from loader.cache import ModelKey
     from monitoring.metrics import MetricsRecorder
 
     recorder = MetricsRecorder(redis.Redis.from_url(env["REDIS_URL"]), MetricsSettings())

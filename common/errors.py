@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+
 
 class InferenceError(Exception):
     """Base of every error this project raises on purpose."""
@@ -56,6 +58,15 @@ class ModelExecutionError(InferenceError):
 
 class RejectedMessageError(InferenceError):
     """A queued message was refused before decoding (disallowed content type)."""
+
+
+class BrokerUnavailableError(InferenceError, ConnectionError):
+    """Redis could not be reached to queue a request: nothing was queued."""
+
+
+class RequestLostError(InferenceError, CeleryTimeoutError):
+    """No answer within the caller's timeout, and Redis restarted after the request was
+    queued: a Redis without persistence lost it."""
 
 
 def describe_validation_error(exc: Any, *, prefix: str = "", upper: bool = False) -> str:

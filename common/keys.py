@@ -1,23 +1,15 @@
 """Every Redis key and queue name the project uses, in one place.
 
-Kombu's own keys (the queue lists and ``unacked``/``unacked_index``) belong to the Redis
-transport; they are named here because the worker renews its leases on them and the scaler
-reads queue depths from them.
+The layout of the queues themselves (kombu's lists and priority sub-lists, Celery's
+result keys) is the broker layer's (``tasks.broker``).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 # A model version's shared queue: every instance of that version consumes it.
 QUEUE_PREFIX = "model."
-# Kombu's separator between a queue name and its priority step ("q\x06\x163").
-PRIORITY_SEPARATOR = "\x06\x16"
-# Kombu's priority steps for the Redis transport: one list per step, lowest value served first.
-PRIORITY_STEPS = (0, 3, 6, 9)
-
-# Kombu's index of delivered-but-unacknowledged messages (tag -> delivery time); a message
-# whose time is older than the visibility timeout is restored to its queue, so live
-# workers push their messages' times forward.
-UNACKED_INDEX = "unacked_index"
 
 _NS = "inference:"
 # Hash: model name -> JSON registry entry (versions, default version, input schemas).
@@ -41,6 +33,18 @@ LOAD_FAILURES = _NS + "load_failures"
 def queue_name(name: str, version: str) -> str:
     """The shared queue of one model version."""
     return f"{QUEUE_PREFIX}{name}.{version}"
+
+
+def queue_label(queue: str) -> str | None:
+    """The "name/version" a shared or instance queue serves; None for any other queue."""
+    if queue.startswith(QUEUE_PREFIX):
+        rest = queue[len(QUEUE_PREFIX) :]
+    elif queue.startswith(INSTANCE_QUEUE_PREFIX):
+        rest = queue[len(INSTANCE_QUEUE_PREFIX) :].partition("@")[0]
+    else:
+        return None
+    name, _, version = rest.partition(".")
+    return f"{name}/{version}" if name and version else None
 
 
 def worker_report_key(hostname: str) -> str:
@@ -100,14 +104,37 @@ def text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def raw_bytes(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def as_dict(reply: Any) -> dict[Any, Any]:
+    """A hash reply as a dict, whether raw (a flat list) or already parsed."""
+    if isinstance(reply, dict):
+        return reply
+    return dict(zip(reply[::2], reply[1::2], strict=True))
+
+
+# --- delivery (the broker layer's structures beside kombu's queues) -----------------------
+# List per queue: at most one token, left by a producer beside its message; workers block
+# on these, never on the queues. "<prefix>@<hostname>" wakes one worker (new queues, stop).
+WAKE_PREFIX = _NS + "wake:"
+# Hash per worker: the messages it took and has not acknowledged (tag -> entry).
+HELD_PREFIX = _NS + "held:"
+# Sorted set: worker -> deadline of its lease (Redis time); renewed with every report.
+LEASES = _NS + "leases"
+# Hash: "name/version" -> messages of that version held by any worker.
+HELD_COUNTS = _NS + "held_counts"
+
+# Pub/sub channel per producer process: the results of every request it published.
+REPLY_PREFIX = _NS + "reply:"
+
 # --- load balancing, health and failover --------------------------------------------------
-# One worker's own queue ("instance queue"): strategies other than the shared queue route a
-# request to the chosen instance's queue; every worker consumes its own.
+# An instance queue: strategies other than the shared queue route a request to the chosen
+# instance's queue for that version ("instance.<name>.<version>@<hostname>").
 INSTANCE_QUEUE_PREFIX = "instance."
-# Set: every instance queue a worker announced (the scaler drains those of dead workers).
+# Set: every instance queue a worker consumes (the scaler drains those of dead workers).
 INSTANCE_QUEUES = _NS + "instance_queues"
-# Set with a TTL: the delivery tags a worker holds (the scaler restores a dead worker's).
-HELD = _NS + "held:{hostname}"
 # Hash: "name/version" -> JSON list of the healthy instances (hostnames) routing may use.
 INSTANCES = _NS + "instances"
 # Hash: model name -> JSON {"strategy": ..., "weights": {hostname: weight}}.
@@ -119,16 +146,14 @@ BALANCING_DEFAULT = _NS + "balancing:default"
 ROUTING_STATE = _NS + "lb:{model}"
 # Hash: model name -> JSON traffic split {version: weight} set through the API.
 TRAFFIC = _NS + "traffic"
-# Header of a request routed to an instance queue: the version's shared queue (failover).
-SHARED_QUEUE_HEADER = "shared_queue"
 
 
-def instance_queue(hostname: str) -> str:
-    return f"{INSTANCE_QUEUE_PREFIX}{hostname}"
+def instance_queue(name: str, version: str, hostname: str) -> str:
+    return f"{INSTANCE_QUEUE_PREFIX}{name}.{version}@{hostname}"
 
 
-def held_key(hostname: str) -> str:
-    return HELD.format(hostname=hostname)
+def own_wake(hostname: str) -> str:
+    return f"{WAKE_PREFIX}@{hostname}"
 
 
 def routing_state_key(name: str, version: str) -> str:

@@ -17,11 +17,15 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import redis
+import redis.asyncio as aioredis
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +37,173 @@ def redis_client(url: str, **kwargs: object) -> redis.Redis:
     options: dict[str, object] = {"health_check_interval": 30, "socket_connect_timeout": 5}
     options.update(kwargs)
     return redis.Redis.from_url(url, **options)
+
+
+Command = Sequence[Any]
+
+
+def _replies(read: Callable[[], Any], count: int) -> list[Any]:
+    """Read ``count`` replies; error replies are collected so the stream stays in step."""
+    replies: list[Any] = []
+    errors: list[redis.ResponseError] = []
+    for _ in range(count):
+        try:
+            replies.append(read())
+        except redis.ResponseError as exc:
+            errors.append(exc)
+            replies.append(exc)
+    if errors:
+        raise errors[0]
+    return replies
+
+
+class Link:
+    """One Redis connection of one thread: a list of commands in one write and one read
+    pass, without a pipeline object per call (a third of the CPU of redis-py's pipeline).
+
+    ``on_noscript`` loads the scripts a restarted Redis forgot; the commands are then sent
+    again (they are written to be repeatable). A lost connection is retried once.
+    """
+
+    def __init__(
+        self, pool: redis.ConnectionPool, on_noscript: Callable[[redis.Redis], None] | None = None
+    ) -> None:
+        self.pool = pool
+        self.on_noscript = on_noscript
+        self._conn: Any = None
+
+    def execute(self, commands: Sequence[Command]) -> list[Any]:
+        for attempt in (1, 2):
+            if self._conn is None:
+                self._conn = self.pool.get_connection()
+            conn = self._conn
+            try:
+                conn.send_packed_command(conn.pack_commands(commands))
+                return _replies(conn.read_response, len(commands))
+            except redis.exceptions.NoScriptError:
+                if attempt == 2 or self.on_noscript is None:
+                    raise
+                self.on_noscript(redis.Redis(connection_pool=self.pool))
+            except (redis.ConnectionError, redis.TimeoutError):
+                self.close()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.disconnect()
+
+
+class ThreadLinks:
+    """A ``Link`` per thread, all on one pool."""
+
+    def __init__(
+        self, url: str, on_noscript: Callable[[redis.Redis], None] | None = None, **kwargs: Any
+    ) -> None:
+        options: dict[str, Any] = {"socket_connect_timeout": 5, "socket_timeout": 30}
+        options.update(kwargs)
+        self.pool = redis.ConnectionPool.from_url(url, **options)
+        self.on_noscript = on_noscript
+        self._local = threading.local()
+
+    def get(self) -> Link:
+        link = getattr(self._local, "link", None)
+        if link is None:
+            link = self._local.link = Link(self.pool, self.on_noscript)
+        return link
+
+    def execute(self, commands: Sequence[Command]) -> list[Any]:
+        return self.get().execute(commands)
+
+
+class AsyncLink:
+    """One asyncio Redis connection shared by every coroutine of a loop: the commands that
+    callers hand in while a round trip is under way go out together in the next write
+    (automatic pipelining), each caller getting its own replies."""
+
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        options: dict[str, Any] = {"socket_connect_timeout": 5, "socket_timeout": 30}
+        options.update(kwargs)
+        self.url = url
+        self.pool = aioredis.ConnectionPool.from_url(url, **options)
+        self._conn: Any = None
+        self._pending: list[tuple[Sequence[Command], Any]] = []
+        self._flushing = False
+        self._flusher: Any = None
+
+    async def execute(self, commands: Sequence[Command]) -> list[Any]:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.append((commands, future))
+        if not self._flushing:
+            self._flushing = True
+            self._flusher = loop.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                await self._round_trip(batch)
+        finally:
+            self._flushing = False
+
+    async def _round_trip(self, batch: list[tuple[Sequence[Command], Any]]) -> None:
+        failed: Exception | None = None
+        try:
+            if self._conn is None:
+                self._conn = await self.pool.get_connection()
+            conn = self._conn
+            await conn.send_packed_command(
+                conn.pack_commands([c for commands, _ in batch for c in commands])
+            )
+        except Exception as exc:
+            failed = exc
+        for commands, future in batch:
+            if failed is None:
+                try:
+                    replies = await self._read(conn, len(commands))
+                except redis.ResponseError as exc:
+                    if not future.done():
+                        future.set_exception(exc)
+                    continue
+                except Exception as exc:  # the connection broke: this and the rest fail
+                    failed = exc
+                else:
+                    if not future.done():
+                        future.set_result(replies)
+                    continue
+            if not future.done():
+                future.set_exception(failed)
+        if failed is not None:
+            await self._drop()
+
+    @staticmethod
+    async def _read(conn: Any, count: int) -> list[Any]:
+        replies: list[Any] = []
+        error: redis.ResponseError | None = None
+        for _ in range(count):
+            try:
+                replies.append(await conn.read_response())
+            except redis.ResponseError as exc:
+                error = error or exc
+                replies.append(exc)
+        if error is not None:
+            raise error
+        return replies
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.disconnect()
+
+    async def aclose(self) -> None:
+        await self._drop()
+        await self.pool.disconnect()
 
 
 def free_port() -> int:

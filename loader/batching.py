@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.contracts import ModelKey
 from common.errors import InferenceError, ModelExecutionError, SchemaError
-from loader.cache import CachedModel, ModelCache, ModelKey, ModelState
+from loader.cache import CachedModel, ModelCache, ModelState
 from loader.spec import InputSchema
 
 logger = logging.getLogger(__name__)
@@ -107,6 +108,8 @@ class Item:
     cold: bool = False
     # Seconds the request waited in the broker before this worker received it.
     queued_s: float = 0.0
+    # When the caller stops waiting (epoch seconds): not run after it.
+    expires_at: float | None = None
 
     @property
     def n_rows(self) -> int:
@@ -172,7 +175,7 @@ class Batcher:
         default_max_batch_size: int,
         default_max_batch_delay_ms: float,
         complete: Callable[[list[Outcome]], None],
-        admit: Callable[[list[Item]], list[Item]] = lambda items: items,
+        admit: Callable[[list[Item]], tuple[list[Item], list[Outcome]]] = lambda items: (items, []),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cache = cache
@@ -320,10 +323,11 @@ class Batcher:
         if entry.state is ModelState.FAILED:
             assert entry.error is not None
             return [Outcome(i, error=entry.error, started=started, finished=started) for i in items]
-        items = self._admit(items)
+        # Requests revoked or expired while they waited are answered, not run.
+        items, refused = self._admit(items)
+        outcomes: list[Outcome] = list(refused)
         if not items:
-            return []
-        outcomes: list[Outcome] = []
+            return outcomes
         good: list[Item] = []
         schema = entry.spec.input if entry.spec else None
         assert schema is not None

@@ -18,12 +18,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from common.contracts import ModelKey
 from common.errors import (
     CacheCapacityError,
     InferenceError,
@@ -35,14 +36,6 @@ from loader.repository import ModelRepository
 from loader.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
-
-
-class ModelKey(NamedTuple):
-    name: str
-    version: str
-
-    def __str__(self) -> str:
-        return f"{self.name}/{self.version}"
 
 
 class ModelState(enum.Enum):

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from loader.cache import ModelCache, ModelKey, _torch_dtype
+from common.contracts import ModelKey
+from loader.cache import ModelCache, _torch_dtype
 
 logger = logging.getLogger(__name__)
 

@@ -9,9 +9,10 @@ from typing import Any
 
 import torch
 
+from common.contracts import ModelKey
 from common.settings import ServingSettings, WorkerSettings
 from loader.batching import Batcher, Item, Outcome
-from loader.cache import ModelCache, ModelKey, resolve_device
+from loader.cache import ModelCache, resolve_device
 from loader.factories import import_factory_modules
 from loader.repository import ModelRepository
 from loader.spec import check_name, check_version
@@ -28,7 +29,7 @@ class ModelServer:
         worker: WorkerSettings,
         *,
         complete: Callable[[list[Outcome]], None],
-        admit: Callable[[list[Item]], list[Item]] = lambda items: items,
+        admit: Callable[[list[Item]], tuple[list[Item], list[Outcome]]] = lambda items: (items, []),
     ) -> None:
         import_factory_modules(serving.model_factory_modules)
         self.device = resolve_device(worker.device)
@@ -91,8 +92,14 @@ class ModelServer:
         return ModelKey(name, version)
 
     def submit(
-        self, key: ModelKey, inputs: Any, *, single: bool, ticket: Any, queued_s: float = 0.0
+        self,
+        key: ModelKey,
+        inputs: Any,
+        *,
+        single: bool,
+        ticket: Any,
+        queued_s: float = 0.0,
+        expires_at: float | None = None,
     ) -> None:
-        self.batcher.submit(
-            Item(key=key, inputs=inputs, single=single, ticket=ticket, queued_s=queued_s)
-        )
+        item = Item(key, inputs, single, ticket, queued_s=queued_s, expires_at=expires_at)
+        self.batcher.submit(item)

@@ -21,9 +21,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from common import keys
+from common.contracts import ModelKey
 from common.redis import redis_client
 from common.settings import metrics_settings, serving_settings
-from loader.cache import ModelKey
 from monitoring.alerts import AlertListener, active_alerts
 from monitoring.metrics import MetricsHistory
 from scaler.beat import build_loop
@@ -119,18 +119,16 @@ class Autoscaler:
         from tasks import predict
 
         timeout = timeout or self.config.zero_scaling.cold_start_timeout + 30.0
-        options: dict[str, Any] = {"expires": timeout}
-        if priority is not None:
-            options["priority"] = priority
-        result = predict.apply_async((model_name, inputs), {"version": version}, **options)
-        return await asyncio.to_thread(result.get, timeout=timeout)
+        return await predict.aio(
+            model_name, inputs, version=version, priority=priority or 0, timeout=timeout
+        )
 
     # -- manual control ---------------------------------------------------------------------
     def _key(self, model_name: str, version: str | None) -> ModelKey:
-        from workers import app
+        from tasks.producer import shared_producer
 
-        router = app.conf.task_routes[0]
-        return ModelKey(model_name, router.registry.resolve(model_name, version))
+        producer = shared_producer()
+        return ModelKey(model_name, producer.run(producer.registry.resolve(model_name, version)))
 
     async def scale_model(
         self, model_name: str, target_instances: int | None, *, version: str | None = None
@@ -166,12 +164,13 @@ class Autoscaler:
     def _set_traffic(
         self, model_name: str, weights: dict[str, float] | None, default_version: str | None
     ) -> dict[str, Any]:
-        from workers import app
+        from tasks.producer import shared_producer
 
-        registry = app.conf.task_routes[0].registry
-        versions = registry.entry(model_name)["versions"]
+        producer = shared_producer()
+        registry = producer.registry
+        versions = producer.run(registry.entry(model_name))["versions"]
         for version in [*(weights or {}), *([default_version] if default_version else [])]:
-            registry.resolve(model_name, version)  # raises naming the versions that exist
+            producer.run(registry.resolve(model_name, version))  # names the versions that exist
         if weights is not None:
             bad = {v: w for v, w in weights.items() if not w >= 0}
             if bad or not sum(weights.values()) > 0:

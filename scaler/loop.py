@@ -12,8 +12,8 @@ from typing import Any
 import redis
 
 from common import keys
+from common.contracts import ModelKey
 from common.settings import metrics_settings
-from loader.cache import ModelKey
 from loader.registry import RegistryPublisher
 from loader.repository import ModelRepository
 from monitoring.alerts import AlertManager
@@ -23,7 +23,7 @@ from scaler.backends import Backend, LocalBackend, StaticBackend
 from scaler.config import AutoscalerConfig
 from scaler.policy import NEW_WORKER_PREFIX, Decision, Plan, PolicyState, decide
 from scaler.store import FleetView, ScalerStore, parse_key
-from tasks.failover import failover
+from tasks import broker
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class ScalerLoop:
     ) -> None:
         self.config = config
         self.app = app
-        self.store = ScalerStore(client, report_ttl_s=max(5.0, 3 * config.tick_interval_s))
+        self.store = ScalerStore(client)
         self.backend: Backend = backend or (
             LocalBackend(self.store) if config.backend == "local" else StaticBackend()
         )
@@ -214,11 +214,11 @@ class ScalerLoop:
         return {k: sorted(v) for k, v in sorted(members.items())}
 
     def _failover(self, view: FleetView) -> None:
-        """A worker that stopped reporting: what it was given goes back to the shared
-        queues now, not after the visibility timeout."""
+        """A worker that stopped reporting: what it held and what waits in its instance
+        queues go back to the shared queues now, not after its lease expires."""
         starting = {n for n, w in view.snapshot.workers.items() if w.starting}
-        for hostname in sorted(view.instance_hosts - set(view.reports) - starting):
-            moved = failover(self.store.client, hostname)
+        for hostname in sorted(view.consumers - set(view.reports) - starting):
+            moved = broker.release(self.store.client, hostname)
             self._forget_routing(hostname)
             if moved:
                 logger.warning(

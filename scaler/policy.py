@@ -27,7 +27,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field, replace
 
-from loader.cache import ModelKey
+from common.contracts import ModelKey
 from scaler.config import AutoscalerConfig, ColdStartStrategy, ScalingMode
 
 NEW_WORKER_PREFIX = "new-"
@@ -60,7 +60,10 @@ class Snapshot:
     now: float
     # Every registered model version and its size estimate (bytes of weights).
     models: dict[ModelKey, int]
+    # Requests waiting in a version's queues, and held by workers (taken, not answered):
+    # exact counts, read in one atomic step.
     queued: dict[ModelKey, int] = field(default_factory=dict)
+    held: dict[ModelKey, int] = field(default_factory=dict)
     workers: dict[str, WorkerInfo] = field(default_factory=dict)
     popularity: dict[ModelKey, float] = field(default_factory=dict)
     pins: dict[ModelKey, int] = field(default_factory=dict)  # scale_model
@@ -71,7 +74,7 @@ class Snapshot:
     overrides: dict[ModelKey, dict[str, float]] = field(default_factory=dict)
 
     def in_flight(self, key: ModelKey) -> int:
-        return sum(w.busy_on(key) for w in self.workers.values())
+        return self.held.get(key, 0)
 
     def load(self, key: ModelKey) -> int:
         return self.queued.get(key, 0) + self.in_flight(key)
@@ -121,7 +124,8 @@ def decide(
     versions = dict(state.versions)
     started_at = state.started_at if state.started_at is not None else now
     keys = (
-        set(snapshot.queued) | set(snapshot.pins) | set(snapshot.loads) | set(versions)
+        set(snapshot.queued) | set(snapshot.held) | set(snapshot.pins) | set(snapshot.loads)
+        | set(versions)
         | {k for w in snapshot.workers.values() for k in w.serving | {b for b, _ in w.busy}}
         | _popular(snapshot, config)
     )  # fmt: skip

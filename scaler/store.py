@@ -1,9 +1,10 @@
 """The scaler's reads and writes in Redis: the snapshot, overrides, decisions, the lock.
 
 A snapshot takes two round trips whatever the fleet's size: one pipeline for the registry
-stamp, the worker list, overrides, popularity, load failures and every queue's depth
-(a Lua script sums each version's priority lists and returns only non-empty ones), and
-one for the worker reports (and the registry itself when it changed).
+stamp, the worker list, overrides, popularity, load failures and every version's load
+(the broker's script: requests queued, in shared and instance queues, and held by
+workers, read in one atomic step, so none is counted twice or missed), and one for the
+worker reports (and the registry itself when it changed).
 """
 
 from __future__ import annotations
@@ -17,31 +18,12 @@ from typing import Any
 import redis
 
 from common import keys
-from loader.cache import ModelKey
+from common.contracts import ModelKey, is_alive
 from scaler.policy import Decision, Snapshot, WorkerInfo
+from tasks import broker
 
-# KEYS: the registry's queue names, the queues that ever got a priority. ARGV: the priority
-# sub-queue suffixes. Returns a flat list: queue, depth, ... for non-empty queues only.
-# LLEN is cheap but a Lua call is not: the sub-queues are read only for queues that use
-# priorities (producers note those), which keeps a tick at 10,000 versions in budget.
-_DEPTHS = """
-local depth = {}
-for _, q in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local n = redis.call('LLEN', q)
-  if n > 0 then depth[q] = n end
-end
-for _, q in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  local n = depth[q] or 0
-  for i = 1, #ARGV do n = n + redis.call('LLEN', q .. ARGV[i]) end
-  if n > 0 then depth[q] = n end
-end
-local out = {}
-for q, n in pairs(depth) do
-  out[#out + 1] = q
-  out[#out + 1] = n
-end
-return out
-"""
+# Reports older than this are not even read: far beyond any worker's silence limit.
+REPORT_WINDOW_S = 120.0
 
 # KEYS: leader key. ARGV: id, ttl ms. Take the lock, or renew it if it is ours.
 _LEADER = """
@@ -69,16 +51,15 @@ def instance_states(status: dict[str, Any]) -> dict[str, dict[str, int]]:
     return counts
 
 
-def parse_key(text: str) -> ModelKey:
-    name, _, version = text.partition("/")
-    return ModelKey(name, version)
+parse_key = ModelKey.parse
 
 
 def queue_to_key(queue: str) -> ModelKey | None:
+    """The version a shared queue serves."""
     if not queue.startswith(keys.QUEUE_PREFIX):
         return None
-    name, _, version = queue[len(keys.QUEUE_PREFIX) :].partition(".")
-    return ModelKey(name, version) if version else None
+    label = keys.queue_label(queue)
+    return ModelKey.parse(label) if label else None
 
 
 @dataclass
@@ -111,15 +92,14 @@ class FleetView:
     snapshot: Snapshot
     reports: dict[str, dict[str, Any]]
     fleet: dict[str, FleetRecord]
-    # Hostnames of the workers that announced their own queue (alive or not).
-    instance_hosts: set[str] = field(default_factory=set)
+    # Workers that hold messages or have instance queues (alive or not): a gone one is
+    # failed over.
+    consumers: set[str] = field(default_factory=set)
 
 
 class ScalerStore:
-    def __init__(self, client: redis.Redis, *, report_ttl_s: float = 5.0) -> None:
+    def __init__(self, client: redis.Redis) -> None:
         self.client = client
-        self.report_ttl_s = report_ttl_s
-        self._depths = client.register_script(_DEPTHS)
         self._leader = client.register_script(_LEADER)
         self._registry_stamp: bytes | None = None
         self._registry: dict[str, dict[str, Any]] = {}
@@ -142,19 +122,20 @@ class ScalerStore:
 
     # -- snapshot ---------------------------------------------------------------------------
     def read(self, now: float) -> FleetView:
-        pipe = self.client.pipeline(transaction=False)
-        pipe.get(keys.REGISTRY_UPDATED)
-        pipe.zrangebyscore(keys.WORKERS, now - self.report_ttl_s, "+inf")
-        pipe.hgetall(keys.OVERRIDES)
-        pipe.hgetall(keys.POPULARITY)
-        pipe.hgetall(keys.LOAD_FAILURES)
-        pipe.hgetall(keys.FLEET)
-        pipe.smembers(keys.INSTANCE_QUEUES)
-        suffixes = [f"{keys.PRIORITY_SEPARATOR}{step}" for step in keys.PRIORITY_STEPS if step]
-        self._depths(keys=[keys.REGISTRY_QUEUES, keys.PRIORITY_QUEUES], args=suffixes, client=pipe)
-        stamp, hostnames, overrides, popularity, failures, fleet_raw, instance_queues, depths = (
-            pipe.execute()
-        )
+        (
+            stamp, hostnames, overrides, popularity, failures, fleet_raw, instance_queues,
+            leases, load,
+        ) = broker.run(self.client, [
+            ("GET", keys.REGISTRY_UPDATED),
+            ("ZRANGEBYSCORE", keys.WORKERS, now - REPORT_WINDOW_S, "+inf"),
+            ("HGETALL", keys.OVERRIDES),
+            ("HGETALL", keys.POPULARITY),
+            ("HGETALL", keys.LOAD_FAILURES),
+            ("HGETALL", keys.FLEET),
+            ("SMEMBERS", keys.INSTANCE_QUEUES),
+            ("ZRANGE", keys.LEASES, 0, -1),
+            broker.load_command(),
+        ])  # fmt: skip
 
         second = self.client.pipeline(transaction=False)
         names = [h.decode() for h in hostnames]
@@ -168,30 +149,20 @@ class ScalerStore:
         if registry_changed:
             self._load_registry(results.pop(0) if results else {}, stamp)
 
-        reports = {
-            name: json.loads(raw)
-            for name, raw in zip(names, reports_raw, strict=True)
-            if raw is not None
-        }
-        # A worker whose heartbeat stopped (four report intervals, at least three seconds:
-        # a busy 2-core host delays reports by a second) is gone: its instances leave
-        # routing and its requests are failed over.
+        # A worker whose heartbeat stopped is gone: its instances leave routing and its
+        # requests are failed over.
         reports = {
             name: report
-            for name, report in reports.items()
-            if now - float(report.get("time", now))
-            <= max(4 * report.get("report_interval_s", 1.0), 3.0)
+            for name, raw in zip(names, reports_raw, strict=True)
+            if raw is not None and is_alive(report := json.loads(raw), now)
         }
         fleet = {h.decode(): FleetRecord.from_json(raw) for h, raw in fleet_raw.items()}
-        queued: dict[ModelKey, int] = {}
-        for i in range(0, len(depths), 2):
-            key = queue_to_key(depths[i].decode())
-            if key is not None:
-                queued[key] = queued.get(key, 0) + int(depths[i + 1])
+        counts = broker.parse_load(load)
         snapshot = Snapshot(
             now=now,
             models=dict(self._sizes),
-            queued=queued,
+            queued={ModelKey.parse(k): n for k, n in counts.queued.items()},
+            held={ModelKey.parse(k): n for k, n in counts.held.items()},
             workers=self._workers(reports, fleet, now),
             popularity={parse_key(k.decode()): float(v) for k, v in popularity.items()},
             failures={
@@ -200,41 +171,45 @@ class ScalerStore:
             overrides=dict(self._overrides),
             **self._manual(overrides),
         )
-        prefix = len(keys.INSTANCE_QUEUE_PREFIX)
-        hosts = {keys.text(q)[prefix:] for q in instance_queues}
-        return FleetView(snapshot=snapshot, reports=reports, fleet=fleet, instance_hosts=hosts)
+        consumers = {keys.text(q).partition("@")[2] for q in instance_queues}
+        consumers |= {keys.text(c) for c in leases}
+        return FleetView(snapshot=snapshot, reports=reports, fleet=fleet, consumers=consumers)
 
-    def live_reports(self, max_age_s: float = 10.0) -> dict[str, dict[str, Any]]:
-        """The reports of the workers that reported within ``max_age_s``, by hostname."""
+    def live_reports(self, now: float | None = None) -> dict[str, dict[str, Any]]:
+        """The reports of the workers alive at ``now``, by hostname."""
+        now = time.time() if now is None else now
         found: list[bytes] = self.client.zrangebyscore(  # type: ignore[assignment]
-            keys.WORKERS, time.time() - max_age_s, "+inf"
+            keys.WORKERS, now - REPORT_WINDOW_S, "+inf"
         )
         names = [keys.text(h) for h in found]
         if not names:
             return {}
         raws = self.client.mget([keys.worker_report_key(n) for n in names])
-        return {n: json.loads(r) for n, r in zip(names, raws, strict=True) if r is not None}
+        return {
+            n: report
+            for n, r in zip(names, raws, strict=True)
+            if r is not None and is_alive(report := json.loads(r), now)
+        }
 
     def registered(self) -> list[ModelKey]:
         return list(self._sizes)
 
+    def load(self) -> dict[str, dict[str, int]]:
+        """Per registered version ("name/version"): requests queued and held by workers,
+        zero included."""
+        queues, raw = broker.run(
+            self.client, [("SMEMBERS", keys.REGISTRY_QUEUES), broker.load_command()]
+        )
+        counts = broker.parse_load(raw)
+        labels = {keys.queue_label(keys.text(q)) for q in queues} | set(counts.queued)
+        return {
+            label: {"queued": counts.queued.get(label, 0), "held": counts.held.get(label, 0)}
+            for label in sorted(label for label in labels if label)
+        }
+
     def queue_depths(self) -> dict[str, int]:
-        """Requests waiting on every registered version, those with none included."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.smembers(keys.REGISTRY_QUEUES)
-        suffixes = [f"{keys.PRIORITY_SEPARATOR}{step}" for step in keys.PRIORITY_STEPS if step]
-        self._depths(keys=[keys.REGISTRY_QUEUES, keys.PRIORITY_QUEUES], args=suffixes, client=pipe)
-        queues, depths = pipe.execute()
-        result = {}
-        for queue in queues:
-            key = queue_to_key(queue.decode())
-            if key is not None:
-                result[keys.model_key_text(*key)] = 0
-        for i in range(0, len(depths), 2):
-            key = queue_to_key(depths[i].decode())
-            if key is not None:
-                result[keys.model_key_text(*key)] = int(depths[i + 1])
-        return dict(sorted(result.items()))
+        """Requests waiting or running per registered version, those with none included."""
+        return {label: n["queued"] + n["held"] for label, n in self.load().items()}
 
     def _load_registry(self, raw: dict[bytes, bytes], stamp: bytes | None) -> None:
         registry = {k.decode(): json.loads(v) for k, v in raw.items()}

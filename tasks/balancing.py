@@ -15,6 +15,7 @@ scaler every tick) and send the request to that worker's own queue:
 Membership, strategy and weights are cached for ``ttl_s``; the two "least" strategies read
 the version's in-flight and latency counters in one round trip per request. A version with
 no healthy instance (at zero, starting) goes to its shared queue, where a cold start begins.
+Like the router, the balancer does no I/O itself: it yields the reads it needs.
 """
 
 from __future__ import annotations
@@ -24,14 +25,12 @@ import json
 import threading
 import time
 from bisect import bisect
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis
-
 from common import keys
 from scaler.config import LoadBalancingStrategy
+from tasks.routing import Reads
 
 RING_POINTS = 64
 
@@ -53,6 +52,12 @@ class Route:
     queue: str  # where the request goes
     shared_queue: str  # the version's shared queue
     instance: str | None = None  # the chosen worker, None for the shared queue
+
+    def in_flight_command(self, name: str, version: str) -> tuple[Any, ...] | None:
+        """Counted in flight on its instance (the "least" strategies read it)."""
+        if self.instance is None:
+            return None
+        return ("HINCRBY", keys.routing_state_key(name, version), f"inflight:{self.instance}", 1)
 
 
 def _hash(data: bytes) -> int:
@@ -81,30 +86,27 @@ def input_key(inputs: Any) -> bytes:
 
 
 class Balancer:
-    def __init__(self, client_factory: Callable[[], redis.Redis], *, ttl_s: float = 1.0) -> None:
-        self._client_factory = client_factory
-        self._client: redis.Redis | None = None
+    def __init__(self, *, ttl_s: float = 1.0) -> None:
         self.ttl_s = ttl_s
         self._lock = threading.Lock()
         self._versions: dict[str, VersionRouting] = {}
 
-    def _redis(self) -> redis.Redis:
-        if self._client is None:
-            self._client = self._client_factory()
-        return self._client
+    def forget(self) -> None:
+        with self._lock:
+            self._versions.clear()
 
-    def routing(self, name: str, version: str) -> VersionRouting:
+    def routing(self, name: str, version: str) -> Reads[VersionRouting]:
         text = keys.model_key_text(name, version)
         now = time.monotonic()
         with self._lock:
             cached = self._versions.get(text)
         if cached is not None and now - cached.fetched < self.ttl_s:
             return cached
-        pipe = self._redis().pipeline(transaction=False)
-        pipe.hget(keys.INSTANCES, text)
-        pipe.hget(keys.BALANCING, name)
-        pipe.get(keys.BALANCING_DEFAULT)
-        members_raw, balancing_raw, default_raw = pipe.execute()
+        members_raw, balancing_raw, default_raw = yield [
+            ("HGET", keys.INSTANCES, text),
+            ("HGET", keys.BALANCING, name),
+            ("GET", keys.BALANCING_DEFAULT),
+        ]
         balancing = json.loads(balancing_raw) if balancing_raw else {}
         strategy_name = balancing.get("strategy") or keys.text(default_raw or b"shared_queue")
         try:
@@ -122,25 +124,17 @@ class Balancer:
             self._versions[text] = routing
         return routing
 
-    def count_in_flight(self, route: Route, name: str, version: str) -> None:
-        """A request sent to ``route`` outside the fast publish path (which counts it in its
-        own round trip)."""
-        if route.instance is not None:
-            self._redis().hincrby(
-                keys.routing_state_key(name, version), f"inflight:{route.instance}", 1
-            )
-
-    def route(self, name: str, version: str, inputs: Any, key: str | None = None) -> Route:
+    def route(self, name: str, version: str, inputs: Any, key: str | None = None) -> Reads[Route]:
         shared = keys.queue_name(name, version)
-        routing = self.routing(name, version)
+        routing = yield from self.routing(name, version)
         if routing.strategy is LoadBalancingStrategy.SHARED_QUEUE or not routing.members:
             return Route(shared, shared)
-        instance = self.choose(routing, name, version, inputs, key)
-        return Route(keys.instance_queue(instance), shared, instance)
+        instance = yield from self.choose(routing, name, version, inputs, key)
+        return Route(keys.instance_queue(name, version, instance), shared, instance)
 
     def choose(
         self, routing: VersionRouting, name: str, version: str, inputs: Any, key: str | None
-    ) -> str:
+    ) -> Reads[str]:
         members = routing.members
         strategy = routing.strategy
         if strategy is LoadBalancingStrategy.ROUND_ROBIN:
@@ -159,10 +153,8 @@ class Balancer:
                 return chosen
         if strategy is LoadBalancingStrategy.CONSISTENT_HASH:
             return ring_lookup(routing.ring, key.encode() if key else input_key(inputs))
-        state = {
-            keys.text(k): float(v)
-            for k, v in self._redis().hgetall(keys.routing_state_key(name, version)).items()
-        }
+        (raw,) = yield [("HGETALL", keys.routing_state_key(name, version))]
+        state = {keys.text(k): float(v) for k, v in keys.as_dict(raw).items()}
         with self._lock:
             routing.turn += 1
             turn = routing.turn

@@ -107,15 +107,23 @@ def describe(inputs: Any) -> str:
 
 
 def payload_bytes(inputs: Any) -> int:
-    """A cheap lower bound of the encoded size, to refuse huge arrays before encoding."""
+    """A cheap lower bound of the encoded size, to refuse huge inputs before encoding them:
+    the bytes of arrays, and for lists two bytes per number (a digit and a separator) of
+    the shape their first elements describe."""
     if is_array(inputs):
         return (
             int(inputs.nbytes)
             if isinstance(inputs, np.ndarray)
             else int(inputs.numel() * inputs.element_size())
         )
-    if isinstance(inputs, list | tuple) and inputs and is_array(inputs[0]):
-        return sum(payload_bytes(x) for x in inputs)
+    if isinstance(inputs, list | tuple) and inputs:
+        if is_array(inputs[0]):
+            return sum(payload_bytes(x) for x in inputs)
+        count, first = 1, inputs
+        while isinstance(first, list | tuple) and first:
+            count *= len(first)
+            first = first[0]
+        return 2 * count
     return 0
 
 

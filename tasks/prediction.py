@@ -1,91 +1,93 @@
 """The ``predict`` and ``predict_batch`` tasks.
 
-Producers call ``predict.delay("tiny_mlp", inputs)`` or ``predict.apply_async(args,
-kwargs={"version": "v2"}, priority=..., expires=...)``. Arrays (numpy or torch) travel as
-raw bytes (the ``tensor`` codec), lists and numbers as JSON; the result comes back as the
-same kind of value. In a worker these tasks never run their body: the batching strategy
-(``tasks.strategy``) hands their requests to the model server. The body below serves the
+Producers call ``predict.delay("tiny_mlp", inputs)``, ``predict.apply_async(args,
+kwargs={"version": "v2"}, priority=..., expires=...)`` or, in an event loop, ``await
+predict.aio("tiny_mlp", inputs)``. Arrays (numpy or torch) travel as raw bytes (the
+``tensor`` codec), lists and numbers as JSON; the result comes back as the same kind of
+value. Publishing is the project's producer (``tasks.producer``), not Celery's: one round
+trip per request, the result on the process's reply channel. In a worker these tasks never
+run their body (the fetcher hands their requests to the model server); the body serves the
 in-process path (``predict(...)`` called directly, ``apply()``).
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from celery import Task
 
-from common import keys
-from common.errors import PayloadTooLargeError
-from common.settings import serving_settings
-from tasks import codec
-from tasks.balancing import Route
-from tasks.publish import fast_path_allowed, publish
-from tasks.routing import PREDICT, PREDICT_BATCH, ModelRouter, model_queue_named
+from tasks.producer import Call, client_for_running_loop, shared_producer
+from tasks.routing import PREDICT, PREDICT_BATCH
 from workers import app
+
+# Options with a meaning for a prediction; the others are refused, not silently dropped.
+SUPPORTED_OPTIONS = frozenset(["task_id", "priority", "expires", "headers", "serializer"])
+# Options Celery's own machinery passes along that change nothing here.
+IGNORED_OPTIONS = frozenset(
+    ["retry", "retry_policy", "declare", "argsrepr", "kwargsrepr", "add_to_parent", "ignore_result"]
+)
 
 
 class PredictTask(Task):
-    Strategy = "tasks.strategy:batching_strategy"
     acks_late = True
     reject_on_worker_lost = True
     typing = True
 
-    def apply_async(self, args: Any = None, kwargs: Any = None, *rest: Any, **options: Any) -> Any:
-        kwargs = dict(kwargs or {})
-        # The HTTP API awaits results on its own subscription: no Celery result consumer.
-        subscribe = options.pop("subscribe", True)
-        inputs = args[1] if args and len(args) > 1 else kwargs.get("inputs")
-        limit = serving_settings().max_payload_bytes
-        size = codec.payload_bytes(inputs)
-        if size > limit:
-            raise PayloadTooLargeError(
-                f"inputs of {size} bytes exceed the limit of {limit} bytes (MAX_PAYLOAD_BYTES)"
+    def call_for(self, args: Any, kwargs: Any, options: dict[str, Any]) -> Call:
+        unknown = (
+            {k for k, v in options.items() if v is not None} - SUPPORTED_OPTIONS - IGNORED_OPTIONS
+        )
+        if unknown:
+            raise TypeError(
+                f"{self.name} does not support {', '.join(sorted(unknown))}; "
+                f"options: {', '.join(sorted(SUPPORTED_OPTIONS))}"
             )
-        options.setdefault("serializer", codec.choose_serializer(inputs))
-        # Model queues take the default exchange: nothing to declare on the way out, and
-        # kombu's per-publish declaration check costs more than the publish itself.
-        options.setdefault("declare", [])
-        # Celery's default argsrepr prints the whole array: most of a publish's CPU time.
-        model = args[0] if args else kwargs.get("model")
-        options.setdefault("argsrepr", f"({model!r}, {codec.describe(inputs)})")
-        options.setdefault("kwargsrepr", repr({k: v for k, v in kwargs.items() if k != "inputs"}))
-        # CONSISTENT_HASH routes by this key when given, else by the input's bytes.
-        hash_key = kwargs.pop("key", None)
-        router = self.app.conf.task_routes[0] if self.app.conf.task_routes else None
-        route = None
-        if isinstance(router, ModelRouter) and "queue" not in options:
-            router(self.name, args, kwargs, options)  # resolves the version into kwargs
-            route = router.balancer.route(model, kwargs["version"], inputs, hash_key)
-        if not rest and route is not None and fast_path_allowed(self.app, options):
-            result = publish(
-                self, route.queue, args, kwargs, options, subscribe=subscribe,
-                shared_queue=route.shared_queue if route.instance else None,
-                inflight=_inflight(route, model, kwargs["version"]),
-            )  # fmt: skip
-        else:
-            # For the queue-wait metric, as the fast path does.
-            headers = {**(options.get("headers") or {}), "published_at": time.time()}
-            if route is not None and route.instance:
-                options["queue"] = model_queue_named(route.queue)
-                headers[keys.SHARED_QUEUE_HEADER] = route.shared_queue
-            options["headers"] = headers
-            result = super().apply_async(args, kwargs, *rest, **options)
-            if route is not None and isinstance(router, ModelRouter):
-                router.balancer.count_in_flight(route, model, kwargs["version"])
-        version = kwargs.get("version")
-        if version and isinstance(router, ModelRouter):
-            if options.get("priority"):
-                router.registry.note_priority(keys.queue_name(model, version))
-            # After the publish, so that the woken scaler finds the request in the queue.
-            router.registry.poke_if_unserved(model, version)
-        return result
+        args, kwargs = list(args or ()), dict(kwargs or {})
+        model = args[0] if args else kwargs.pop("model", None)
+        inputs = args[1] if len(args) > 1 else kwargs.pop("inputs", None)
+        extra = set(kwargs) - {"version", "key"}
+        if len(args) > 2 or extra:
+            raise TypeError(
+                f"{self.name}(model, inputs, version=None, key=None): got {extra or args[2:]}"
+            )
+        return Call(
+            model=model,
+            inputs=inputs,
+            single=self.name == PREDICT,
+            version=kwargs.get("version"),
+            key=kwargs.get("key"),
+            priority=int(options.get("priority") or 0),
+            expires=options.get("expires"),
+            task_id=options.get("task_id"),
+            headers=options.get("headers"),
+            serializer=options.get("serializer"),
+        )
 
+    def apply_async(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        task_id: str | None = None,
+        producer: Any = None,
+        link: Any = None,
+        link_error: Any = None,
+        shadow: str | None = None,
+        **options: Any,
+    ) -> Any:
+        if producer is not None or link is not None or link_error is not None or shadow:
+            raise TypeError(f"{self.name} does not support producer, link, link_error or shadow")
+        call = self.call_for(args, kwargs, {**options, "task_id": task_id})
+        return shared_producer().send(call, self.app)
 
-def _inflight(route: Route, model: str, version: str | None) -> tuple[str, str] | None:
-    if route.instance is None or version is None:
-        return None
-    return keys.routing_state_key(model, version), f"inflight:{route.instance}"
+    async def aio(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        """``await predict.aio(model, inputs, version=None, key=None, timeout=None,
+        priority=0)``: the outputs, from an event loop (one client per loop)."""
+        options: dict[str, Any] = {
+            k: kwargs.pop(k) for k in ("priority", "task_id", "headers") if k in kwargs
+        }
+        call = self.call_for(args, kwargs, {**options, "expires": timeout})
+        client = client_for_running_loop()
+        return await client.result(await client.submit(call), timeout)
 
 
 @app.task(base=PredictTask, name=PREDICT)

@@ -1,10 +1,10 @@
-"""Routing a prediction to its model version's queue, in the producer.
+"""Routing a prediction to its model version, in the producer, without I/O of its own.
 
-The router (``celeryconfig.task_routes``) resolves the version from the model registry in
-Redis (explicit, else the model's traffic split, else its default version), writes the
-resolved version into the task's kwargs so that the worker runs exactly what was routed,
-and returns that version's queue. An unknown model or version fails here, in
-``apply_async``, naming what exists: the producer never waits on a queue nobody serves.
+The producer's lookups (registry entries, routing state, the set of served versions) are
+cached; on a miss they *yield* the Redis commands they need and get the replies back, so
+that one piece of logic serves a synchronous caller (``run_sync``) and an event loop
+(``run_async``) alike. A version is resolved explicitly, else by the model's traffic
+split, else to its default; an unknown model or version fails here, naming what exists.
 """
 
 from __future__ import annotations
@@ -13,63 +13,69 @@ import json
 import random
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Generator, Sequence
+from typing import Any, TypeVar
 
-import redis
 from kombu import Exchange, Queue
 
 from common import keys
 from common.errors import RegistryUnavailableError, UnknownModelError
 from loader.spec import check_name, check_version
-from tasks.balancing import Balancer
 
 PREDICT = "tasks.predict"
 PREDICT_BATCH = "tasks.predict_batch"
 MODEL_TASKS = frozenset([PREDICT, PREDICT_BATCH])
 
-# Publishing to the default exchange goes straight to the list named by the routing key;
-# a named exchange would cost kombu a binding lookup in Redis on every publish.
-_DEFAULT_EXCHANGE = Exchange("")
+T = TypeVar("T")
+Commands = list[tuple[Any, ...]]
+# A lookup: yields the commands it needs, receives their replies, returns its value.
+Reads = Generator[Commands, list[Any], T]
+
+
+def run_sync(reads: Reads[T], execute: Callable[[Sequence[Any]], list[Any]]) -> T:
+    try:
+        commands = next(reads)
+        while True:
+            commands = reads.send(execute(commands))
+    except StopIteration as done:
+        return done.value
+
+
+async def run_async(reads: Reads[T], execute: Callable[[Sequence[Any]], Awaitable[list[Any]]]) -> T:
+    try:
+        commands = next(reads)
+        while True:
+            commands = reads.send(await execute(commands))
+    except StopIteration as done:
+        return done.value
 
 
 class RegistryView:
-    """A producer's short-lived copy of registry entries, one HGET per model on a miss."""
+    """A producer's short-lived copy of registry entries (one round trip on a miss)."""
 
-    def __init__(self, client_factory: Callable[[], redis.Redis], *, ttl_s: float) -> None:
-        self._client_factory = client_factory
-        self._client: redis.Redis | None = None
+    def __init__(self, *, ttl_s: float) -> None:
         self._ttl_s = ttl_s
         self._lock = threading.Lock()
         self._entries: dict[str, tuple[float, dict[str, Any]]] = {}
-        self._served: set[str] = set()
-        self._served_at = -1e9
-        self._poked: dict[str, float] = {}
-        self._prioritised: set[str] = set()
 
-    def _redis(self) -> redis.Redis:
-        if self._client is None:
-            self._client = self._client_factory()
-        return self._client
-
-    def entry(self, name: str) -> dict[str, Any]:
+    def entry(self, name: str) -> Reads[dict[str, Any]]:
         now = time.monotonic()
-        with self._lock:
-            cached = self._entries.get(name)
+        cached = self._entries.get(name)
         if cached is not None and now - cached[0] < self._ttl_s:
             return cached[1]
-        pipe = self._redis().pipeline(transaction=False)
-        pipe.hget(keys.REGISTRY, name)
-        pipe.exists(keys.REGISTRY)
-        pipe.hget(keys.TRAFFIC, name)
-        raw, exists, split = pipe.execute()
+        raw, exists, split = yield [
+            ("HGET", keys.REGISTRY, name),
+            ("EXISTS", keys.REGISTRY),
+            ("HGET", keys.TRAFFIC, name),
+        ]
         if raw is None:
             if not exists:
                 raise RegistryUnavailableError(
                     "the model registry is empty: no worker or scaler has published the model "
                     "repository to this Redis yet"
                 )
-            known = sorted(keys.text(k) for k in self._redis().hkeys(keys.REGISTRY))
+            (names,) = yield [("HKEYS", keys.REGISTRY)]
+            known = sorted(keys.text(k) for k in names)
             raise UnknownModelError(f"unknown model {name!r}; models: {', '.join(known)}")
         entry: dict[str, Any] = json.loads(raw)
         if split is not None:
@@ -83,14 +89,14 @@ class RegistryView:
             self._entries[name] = (now, entry)
         return entry
 
-    def resolve(self, name: str, version: str | None) -> str:
+    def resolve(self, name: str, version: str | None) -> Reads[str]:
         check_name(name)
-        entry = self.entry(name)
+        if version is not None:
+            check_version(version)
+        entry = yield from self.entry(name)
         versions = entry["versions"]
         if version is None:
             version = pick_version(entry)
-        else:
-            check_version(version)
         if version not in versions:
             raise UnknownModelError(
                 f"model {name!r} has no version {version!r}; versions: {', '.join(versions)}"
@@ -101,22 +107,28 @@ class RegistryView:
         with self._lock:
             self._entries.clear()
 
-    def note_priority(self, queue: str) -> None:
-        """Record once per process that ``queue`` gets prioritised requests."""
-        if queue not in self._prioritised:
-            self._redis().sadd(keys.PRIORITY_QUEUES, queue)
-            self._prioritised.add(queue)
 
-    def poke_if_unserved(self, name: str, version: str) -> None:
-        """Wake the scaler when this version has no instance (a cold start)."""
+class ServedView:
+    """Which versions have an instance (the scaler's ``served`` set), refreshed at most
+    every ``ttl_s``: a request for any other version pokes the scaler (a cold start)."""
+
+    def __init__(self, *, ttl_s: float) -> None:
+        self._ttl_s = ttl_s
+        self._served: frozenset[str] = frozenset()
+        self._at = -1e9
+        self._poked: dict[str, float] = {}
+
+    def poke_due(self, text: str) -> Reads[bool]:
         now = time.monotonic()
-        if now - self._served_at >= max(self._ttl_s, 0.5):
-            self._served = {keys.text(m) for m in self._redis().smembers(keys.SERVED)}
-            self._served_at = now
-        text = keys.model_key_text(name, version)
-        if text not in self._served and now - self._poked.get(text, -1e9) >= 1.0:
-            self._poked[text] = now
-            self._redis().publish(keys.SCALER_POKE, text)
+        if now - self._at >= self._ttl_s:
+            (members,) = yield [("SMEMBERS", keys.SERVED)]
+            self._served, self._at = frozenset(keys.text(m) for m in members), now
+        if text in self._served or now - self._poked.get(text, -1e9) < 1.0:
+            return False
+        if len(self._poked) > 10_000:
+            self._poked.clear()
+        self._poked[text] = now
+        return True
 
 
 def pick_version(entry: dict[str, Any], rng: random.Random | None = None) -> str:
@@ -130,11 +142,9 @@ def pick_version(entry: dict[str, Any], rng: random.Random | None = None) -> str
     return str(entry["default_version"])
 
 
+# Publishing to the default exchange goes straight to the list named by the routing key.
+_DEFAULT_EXCHANGE = Exchange("")
 _queues: dict[str, Queue] = {}
-
-
-def model_queue(name: str, version: str) -> Queue:
-    return model_queue_named(keys.queue_name(name, version))
 
 
 def model_queue_named(queue_name: str) -> Queue:
@@ -145,11 +155,8 @@ def model_queue_named(queue_name: str) -> Queue:
 
 
 class ModelRouter:
-    """The Celery router for ``tasks.predict`` and ``tasks.predict_batch``."""
-
-    def __init__(self, registry: RegistryView, balancer: Balancer | None = None) -> None:
-        self.registry = registry
-        self.balancer = balancer or Balancer(registry._client_factory, ttl_s=1.0)
+    """The Celery router (``task_routes``) of ``send_task("tasks.predict", ...)``: the same
+    resolution as ``predict.delay``, for callers that go through Celery's own publish."""
 
     def __call__(
         self, name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **_: Any
@@ -158,8 +165,10 @@ class ModelRouter:
             return None
         if kwargs is None:
             raise TypeError(f"{name} needs a kwargs dict so that the router can record the version")
+        from tasks.producer import shared_producer
+
+        producer = shared_producer()
         model = args[0] if args else kwargs.get("model")
-        version = kwargs.get("version")
-        resolved = self.registry.resolve(model, version)
+        resolved = producer.run(producer.registry.resolve(model, kwargs.get("version")))
         kwargs["version"] = resolved
-        return {"queue": model_queue(model, resolved)}
+        return {"queue": model_queue_named(keys.queue_name(model, resolved))}

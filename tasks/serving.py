@@ -1,9 +1,11 @@
 """The worker's model-serving bootstep, its report to Redis and its remote-control commands.
 
-``celery -A workers worker`` adds the ``ModelServing`` step: it builds the model server
-before the consumer starts (the batching strategy needs it), writes a report to Redis
-about every second (under a key that expires when the worker stops reporting), publishes
-the model repository to the registry, and renews the leases of the messages it holds.
+``celery -A workers worker`` adds the ``ModelServing`` step: the model server, the fetcher
+that reads the model queues (``tasks.fetcher``; Celery's own consumer keeps remote control,
+events and any other queue), a report to Redis about every second (which also renews the
+worker's lease on what it holds), and the model repository published to the registry.
+``ServingConsumer`` sends ``add_consumer``/``cancel_consumer`` of model queues to the
+fetcher, so the scaler retargets a worker without restarting it.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import time
 from typing import Any
 
 from celery import bootsteps
+from celery.worker.consumer import Consumer
 from celery.worker.control import control_command, inspect_command
 
 from common import keys
+from common.contracts import ModelKey, report_ttl_s
 from common.errors import InferenceError
 from common.redis import redis_client
 from common.settings import (
@@ -30,13 +34,14 @@ from common.settings import (
     serving_settings,
     worker_settings,
 )
-from loader.cache import ModelKey
 from loader.health import UNHEALTHY, HealthChecker
 from loader.registry import RegistryPublisher
 from loader.server import ModelServer
 from monitoring.metrics import WORKER, MetricsRecorder
 from monitoring.resources import ProcessSampler, gpu_reading
-from tasks.strategy import Completer, HeldMessages, admit
+from tasks import broker
+from tasks.delivery import Completer, HeldMessages, Receiver, admit
+from tasks.fetcher import Fetcher, Outage
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +53,7 @@ class Reporter:
         self,
         worker: Any,
         server: ModelServer,
-        held: HeldMessages,
+        fetcher: Fetcher,
         serving: ServingSettings,
         settings: WorkerSettings,
         health: HealthChecker | None = None,
@@ -56,9 +61,10 @@ class Reporter:
         self.health = health
         self.worker = worker
         self.server = server
-        self.held = held
+        self.fetcher = fetcher
+        self.lease_s = serving.visibility_timeout_s
         self.interval_s = settings.report_interval_s
-        self.ttl_s = max(3 * settings.report_interval_s, 3.0)
+        self.ttl_s = report_ttl_s(settings.report_interval_s)
         self.nvml_index = settings.nvml_index
         self.client = redis_client(serving.redis_url, socket_timeout=5)
         self.sampler = ProcessSampler()
@@ -68,6 +74,7 @@ class Reporter:
         self.registry = RegistryPublisher(server.repository)
         self.orphan_exit_s = settings.orphan_exit_s
         self._last_ok = time.monotonic()
+        self.outage = Outage(f"worker {worker.hostname} (report)")
         # Metrics are recorded by the batcher's completion thread and the cache's loaders;
         # this thread writes them, so a prediction never waits on a metrics write.
         self.metrics = MetricsRecorder(self.client, metrics_settings())
@@ -75,6 +82,12 @@ class Reporter:
         server.cache.on_loaded = lambda key, load_s: self.metrics.loaded(str(key), load_s)
 
     def start(self) -> None:
+        # The first report before anything is fetched: a worker that holds messages and
+        # has never reported looks gone to the scaler.
+        try:
+            self.tick(time.time())
+        except Exception as exc:
+            logger.warning("worker %s report failed: %s", self.worker.hostname, exc)
         self._thread.start()
 
     def stop(self) -> None:
@@ -89,8 +102,8 @@ class Reporter:
         try:
             self.client.delete(keys.worker_report_key(self.worker.hostname))
             self.client.zrem(keys.WORKERS, self.worker.hostname)
-            # Its own queue stays announced: producers may still route there for a moment,
-            # and the scaler's failover moves what lands there and forgets the queue.
+            # Its instance queues stay announced: producers may still route there for a
+            # moment, and the scaler's failover moves what lands there and forgets them.
         except Exception as exc:
             logger.warning("worker %s could not remove its report: %s", self.worker.hostname, exc)
 
@@ -100,9 +113,10 @@ class Reporter:
             try:
                 self.tick(now)
                 self._last_ok = time.monotonic()
+                self.outage.ok()
             except Exception as exc:
                 # Redis away for a moment: the next tick tries again, serving goes on.
-                logger.warning("worker %s report failed: %s", self.worker.hostname, exc)
+                self.outage.failed(exc)
                 away_s = time.monotonic() - self._last_ok
                 if self.orphan_exit_s and away_s > self.orphan_exit_s:
                     logger.error(
@@ -112,17 +126,12 @@ class Reporter:
                     )
                     os.kill(os.getpid(), signal.SIGTERM)
                     return
-            try:
-                self.metrics.flush()
-            except Exception as exc:
-                logger.warning("worker %s metrics write failed: %s", self.worker.hostname, exc)
+            if self.outage.since is None:
+                try:
+                    self.metrics.flush()
+                except Exception as exc:
+                    logger.warning("worker %s metrics write failed: %s", self.worker.hostname, exc)
             self._stop.wait(self.interval_s)
-
-    def queues(self) -> list[str]:
-        # The queues the worker is told to consume (-Q, add_consumer, cancel_consumer), also
-        # before its consumer has connected.
-        consume_from = self.worker.app.amqp.queues.consume_from or {}
-        return sorted(consume_from)
 
     def report(self, now: float) -> dict[str, Any]:
         server = self.server
@@ -143,12 +152,12 @@ class Reporter:
             "time": now,
             "started_at": self.started_at,
             "device": str(device),
-            "queues": self.queues(),
+            "queues": self.fetcher.queues(),
             "models": models["loaded"],
             "loading": models["loading"],
             "failed_models": models["failed"],
             "loaded_bytes": server.cache.loaded_bytes(),
-            "in_flight": len(self.held),
+            "held": self.fetcher.held,
             "busy": {str(k): n for k, n in server.batcher.busy().items()},
             "capacity_bytes": server.cache.cache_size_bytes,
             "max_models": server.cache.max_loaded_models,
@@ -178,24 +187,17 @@ class Reporter:
         report = self.report(now)
         hostname = self.worker.hostname
         self._record_resources(report, now)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.set(keys.worker_report_key(hostname), json.dumps(report), ex=int(self.ttl_s))
-        pipe.zadd(keys.WORKERS, {hostname: now})
-        tags = self.held.tags()
-        pipe.sadd(keys.INSTANCE_QUEUES, keys.instance_queue(hostname))
-        # What this worker holds, for the scaler to restore at once if it dies.
-        held_key = keys.held_key(hostname)
-        pipe.delete(held_key)
-        if tags:
-            pipe.sadd(held_key, *tags)
-            pipe.expire(held_key, 3600)
+        commands: list[tuple[Any, ...]] = [
+            ("SET", keys.worker_report_key(hostname), json.dumps(report), "EX", self.ttl_s),
+            ("ZADD", keys.WORKERS, now, hostname),
+            # Only a dead worker's messages outlive their lease and come back.
+            broker.renew_command(hostname, self.lease_s),
+        ]
         for text, ms in list(self.server.batcher.stats.latency_ewma_ms.items()):
-            name, _, version = text.partition("/")
-            pipe.hset(keys.routing_state_key(name, version), f"latency:{hostname}", round(ms, 3))
-        if tags:
-            # Push the delivery time of held messages forward: only a dead worker's messages
-            # outlive the visibility timeout and get redelivered.
-            pipe.zadd(keys.UNACKED_INDEX, dict.fromkeys(tags, now), xx=True)
+            key = ModelKey.parse(text)
+            commands.append(
+                ("HSET", keys.routing_state_key(*key), f"latency:{hostname}", round(ms, 3))
+            )
         for failed in report["failed_models"]:
             record = {
                 "error": failed["error"],
@@ -203,11 +205,16 @@ class Reporter:
                 "worker": hostname,
                 "time": now,
             }
-            pipe.hset(
-                keys.LOAD_FAILURES, f"{failed['name']}/{failed['version']}", json.dumps(record)
+            commands.append(
+                (
+                    "HSET",
+                    keys.LOAD_FAILURES,
+                    f"{failed['name']}/{failed['version']}",
+                    json.dumps(record),
+                )
             )
-        pipe.exists(keys.REGISTRY)
-        *_, registry_exists = pipe.execute()
+        commands.append(("EXISTS", keys.REGISTRY))
+        *_, registry_exists = broker.run(self.client, commands)
         if not registry_exists or self.registry.due():
             self.registry.publish_if_changed(self.client, exists=bool(registry_exists))
 
@@ -229,20 +236,19 @@ class Reporter:
 
 
 class ModelServing(bootsteps.StartStopStep):
-    """Worker bootstep: the model server, the completer and the reporter."""
+    """Worker bootstep: the model server, its fetcher, completer and reporter."""
 
     requires = ("celery.worker.components:Pool",)
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
         worker.model_server = None
+        worker.model_fetcher = None
 
     def create(self, worker: Any) -> ModelServing:
         serving, settings = serving_settings(), worker_settings()
         held = HeldMessages()
-        completer = Completer(worker.app, held)
-        completer.hostname = worker.hostname
-        completer.instance_queue = keys.instance_queue(worker.hostname)
+        completer = Completer(worker.app, held, serving.redis_url, worker.hostname)
         server = ModelServer(serving, settings, complete=completer, admit=admit)
         health = HealthChecker(
             server.cache,
@@ -251,25 +257,46 @@ class ModelServing(bootsteps.StartStopStep):
             probe_timeout_s=settings.health_probe_timeout_s,
             cooldown_s=settings.health_cooldown_s,
         )
-        # Requests waiting on a model that turns unhealthy go back to their queues.
-        health.on_unhealthy = lambda key: completer.requeue(server.batcher.take(key))
+        receiver = Receiver(
+            worker.app, server, completer, held,
+            max_body_bytes=serving.max_payload_bytes,
+            unhealthy=lambda: health.unhealthy_now,
+        )  # fmt: skip
+        fetcher = Fetcher(
+            serving.redis_url,
+            worker.hostname,
+            prefetch=settings.prefetch_count,
+            lease_s=serving.visibility_timeout_s,
+            sweep_interval_s=serving.unacked_restore_interval_s,
+            deliver=receiver,
+            held_tags=held.tags,
+            paused=lambda: health.unhealthy_now,
+        )
+        completer.fetcher = fetcher
+        completer.events = lambda: getattr(worker.consumer, "event_dispatcher", None)
+        # Requests waiting on a model that turns unhealthy go back to their queues; the
+        # fetcher stops reading its queues (health.unhealthy_now) until it is retried.
+        health.on_unhealthy = lambda key: completer.give_back(
+            [item.ticket for item in server.batcher.take(key)]
+        )
         worker.model_server = server
-        worker.model_completer = completer
-        worker.held_messages = held
+        worker.model_fetcher = fetcher
         worker.model_health = health
-        self.server = server
-        self.health = health
-        self.reporter = Reporter(worker, server, held, serving, settings, health)
-        # Every worker consumes its own queue: the load-balancing strategies route there.
-        own = keys.instance_queue(worker.hostname)
-        worker.app.amqp.queues.select_add(own, routing_key=own)
+        self.server, self.health, self.fetcher, self.completer = server, health, fetcher, completer
+        self.reporter = Reporter(worker, server, fetcher, serving, settings, health)
+        # Model queues are read by the fetcher, never by Celery's consumer (which would take
+        # messages out of the reliable path): -Q's model queues move over.
+        selected = [q for q in worker.app.amqp.queues.consume_from if keys.queue_label(q)]
+        for queue in selected:
+            fetcher.add(queue)
+        if selected:
+            worker.app.amqp.queues.deselect(selected)
         self.preload = settings.models
         for spec in settings.models:
             name, _, version = spec.partition(":")
             versions = [version] if version else server.repository.versions(name)
             for v in versions:
-                queue = keys.queue_name(name, v)
-                worker.app.amqp.queues.select_add(queue, routing_key=queue)
+                fetcher.add(keys.queue_name(name, v))
         return self
 
     def start(self, worker: Any) -> None:
@@ -286,10 +313,12 @@ class ModelServing(bootsteps.StartStopStep):
                 logger.error("worker %s cannot preload %s: %s", worker.hostname, spec, exc)
         self.reporter.start()
         self.health.start()
+        self.fetcher.start()
 
     def close(self, worker: Any) -> None:
-        # Warm shutdown calls close() on every step before any stops, while the broker
-        # connection still works: finish the running batch, give the waiting ones back.
+        # Warm shutdown calls close() on every step before any stops: stop fetching, finish
+        # the running batch, give the waiting ones back to the head of their queues.
+        self.fetcher.stop()
         waiting = self.server.batcher.drain()
         if waiting:
             logger.info(
@@ -297,12 +326,47 @@ class ModelServing(bootsteps.StartStopStep):
                 worker.hostname,
                 len(waiting),
             )
-            worker.model_completer.requeue(waiting)
+            self.completer.give_back([item.ticket for item in waiting])
 
     def stop(self, worker: Any) -> None:
+        self.completer.stop()
         self.health.stop()
         self.reporter.stop()
         self.server.stop()
+
+
+class ServingConsumer(Consumer):
+    """Celery's consumer, with model queues added and cancelled in the fetcher."""
+
+    def add_task_queue(self, queue: str, *args: Any, **options: Any) -> None:
+        fetcher: Fetcher | None = getattr(self.controller, "model_fetcher", None)
+        if fetcher is not None and fetcher.add(queue):
+            logger.info("Started consuming from %s", queue)
+            return
+        super().add_task_queue(queue, *args, **options)
+
+    def cancel_task_queue(self, queue: str) -> None:
+        fetcher: Fetcher | None = getattr(self.controller, "model_fetcher", None)
+        if fetcher is not None and fetcher.remove(queue):
+            logger.info("Canceling queue %s", queue)
+            return
+        super().cancel_task_queue(queue)
+
+
+@inspect_command()
+def active_queues(state: Any) -> list[dict[str, Any]]:
+    """The queues this worker consumes: Celery's, and the model queues of its fetcher."""
+    from tasks.routing import model_queue_named
+
+    consumer = state.consumer
+    queues = [
+        dict(q.as_dict(recurse=True))
+        for q in (consumer.task_consumer.queues if consumer.task_consumer else [])
+    ]
+    fetcher: Fetcher | None = getattr(consumer.controller, "model_fetcher", None)
+    if fetcher is not None:
+        queues += [dict(model_queue_named(q).as_dict(recurse=True)) for q in fetcher.queues()]
+    return queues
 
 
 def _server(state: Any) -> ModelServer:

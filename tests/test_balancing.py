@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from common import keys
-from loader.cache import ModelKey
+from common.contracts import ModelKey
 from scaler.autoscaler import Autoscaler
 from scaler.config import AutoscalerConfig, LoadBalancingStrategy
 from scaler.store import ScalerStore
@@ -50,9 +50,9 @@ class Fleet:
     def send(self, count: int, *, key: str | None = None, start: int = 0) -> Counter[str]:
         """``count`` requests, 64 outstanding; which worker ran each."""
         from tasks import predict
-        from workers import app
+        from tasks.producer import shared_producer
 
-        app.conf.task_routes[0].balancer._versions.clear()  # see the new strategy now
+        shared_producer().balancer.forget()  # see the new strategy now
         before = len(self.executions())
         pending = []
         for i in range(start, start + count):

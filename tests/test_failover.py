@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from common import keys
-from loader.cache import ModelKey
+from common.contracts import ModelKey
 from scaler.autoscaler import Autoscaler
 from scaler.config import AutoscalerConfig, LoadBalancingStrategy
 from scaler.store import ScalerStore
@@ -107,7 +107,7 @@ def test_a_killed_worker_s_own_queue_is_failed_over_at_once(
     from loader.registry import publish_registry
     from loader.repository import ModelRepository
     from tasks import predict
-    from workers import app
+    from tasks.producer import shared_producer
 
     log = tmp_path / "executions.log"
     log.touch()
@@ -130,9 +130,9 @@ def test_a_killed_worker_s_own_queue_is_failed_over_at_once(
         other.wait_ready(client)
         wait_for(lambda: len(members(client, "slow/v1")) == 2, timeout_s=60, what="two instances")
         asyncio.run(autoscaler.set_load_balancing("slow", LoadBalancingStrategy.ROUND_ROBIN))
-        app.conf.task_routes[0].balancer._versions.clear()
+        shared_producer().balancer.forget()
         results = [predict.delay("slow", np.full(4, i, dtype=np.float32)) for i in range(40)]
-        own_queue = keys.instance_queue(victim.hostname)
+        own_queue = keys.instance_queue("slow", "v1", victim.hostname)
         wait_for(
             lambda: client.llen(own_queue) >= 8, timeout_s=10, what="requests waiting on the victim"
         )
@@ -166,7 +166,7 @@ def test_requests_sent_to_an_unhealthy_instance_are_forwarded(
     from loader.registry import publish_registry
     from loader.repository import ModelRepository
     from tasks import predict
-    from workers import app
+    from tasks.producer import shared_producer
 
     fail = tmp_path / "sick"
     write_state_dict_model(repo, "flaky", "v1", factory="flaky")
@@ -185,14 +185,15 @@ def test_requests_sent_to_an_unhealthy_instance_are_forwarded(
     well = WorkerProcess("well", queues=[queue], env=env, log_dir=tmp_path)
     beat = BeatProcess("forward-beat", env={**env, **SCALER}, log_dir=tmp_path)
     autoscaler = Autoscaler(AutoscalerConfig(backend="static"), run_scaler=False)
-    balancer = app.conf.task_routes[0].balancer
+    producer = shared_producer()
+    balancer = producer.balancer
     try:
         sick.wait_ready(client)
         well.wait_ready(client)
         wait_for(lambda: len(members(client, "flaky/v1")) == 2, timeout_s=60, what="2 instances")
         asyncio.run(autoscaler.set_load_balancing("flaky", LoadBalancingStrategy.ROUND_ROBIN))
-        balancer._versions.clear()
-        balancer.routing("flaky", "v1")
+        balancer.forget()
+        producer.run(balancer.routing("flaky", "v1"))
         balancer.ttl_s = 3600  # this producer keeps routing to both
         fail.touch()
         wait_for(
@@ -210,7 +211,7 @@ def test_requests_sent_to_an_unhealthy_instance_are_forwarded(
         )
     finally:
         balancer.ttl_s = 1.0
-        balancer._versions.clear()
+        balancer.forget()
         beat.stop()
         for worker in (sick, well):
             worker.stop(timeout_s=15)

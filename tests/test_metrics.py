@@ -14,9 +14,9 @@ import pytest
 import redis
 
 from common import keys
+from common.contracts import ModelKey
 from common.settings import MetricsSettings
 from loader.batching import Item, Outcome
-from loader.cache import ModelKey
 from monitoring.alerts import AlertManager, active_alerts, history
 from monitoring.metrics import (
     LATENCY_BOUNDS_MS,

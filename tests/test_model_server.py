@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.contracts import ModelKey
 from common.errors import (
     CacheCapacityError,
     ModelExecutionError,
@@ -18,7 +19,7 @@ from common.errors import (
     ModelLoadTimeoutError,
 )
 from loader.batching import Batcher, Item, Outcome
-from loader.cache import ModelCache, ModelKey, ModelState
+from loader.cache import ModelCache, ModelState
 from loader.repository import ModelRepository
 from tests.helpers import wait_for
 

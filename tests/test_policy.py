@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from common.contracts import ModelKey
 from common.errors import ConfigError
-from loader.cache import ModelKey
 from scaler.config import AutoscalerConfig, ColdStartStrategy, ModelLoaderConfig, ZeroScalingConfig
 from scaler.policy import NEW_WORKER_PREFIX, Plan, PolicyState, Snapshot, WorkerInfo, decide
 

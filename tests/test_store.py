@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from loader.cache import ModelKey
+from common.contracts import ModelKey
 from loader.registry import publish_registry
 from loader.repository import ModelRepository
 from scaler.store import ScalerStore
@@ -156,7 +156,7 @@ def test_a_worker_that_keeps_its_memory_after_an_unload_is_recycled(client: redi
     def report(name: str, rss: int, models: list[dict[str, object]]) -> None:
         client.set(keys.worker_report_key(name), json.dumps({
             "hostname": name, "queues": [], "models": models, "busy": {},
-            "resources": {"rss_bytes": rss},
+            "resources": {"rss_bytes": rss}, "time": time.time(), "report_interval_s": 10,
         }))  # fmt: skip
         client.zadd(keys.WORKERS, {name: time.time() + 60})
 
@@ -171,56 +171,6 @@ def test_a_worker_that_keeps_its_memory_after_an_unload_is_recycled(client: redi
     loop.tick(now + 5)
     assert backend.stopped == ["kept"]
     assert any("recycled: memory not returned" in d["reason"] for d in loop.store.decisions())
-
-
-def test_the_fast_publish_writes_what_celerys_path_writes(
-    client: redis.Redis, test_repo: Path
-) -> None:
-    import base64
-    import json
-
-    import numpy as np
-    from kombu.serialization import loads
-
-    from common import keys
-    from tasks import predict
-
-    publish_registry(client, ModelRepository(test_repo).registry())
-    x = np.arange(8, dtype=np.float32)
-    predict.apply_async(("linear", x), kwargs={"version": "v1"}, priority=5, expires=30)
-    # Custom headers are not a fast-path option: this one goes through Celery's send_task.
-    predict.apply_async(("linear", x), kwargs={"version": "v1"}, priority=5, expires=30,
-                        headers={"probe": 1})  # fmt: skip
-    slow, fast = (
-        json.loads(m) for m in client.lrange(keys.queue_name("linear", "v1") + "\x06\x163", 0, -1)
-    )
-    assert slow["headers"].pop("probe") == 1
-    assert set(fast) == set(slow)
-    assert set(fast["properties"]) == set(slow["properties"])
-    assert set(fast["headers"]) == set(slow["headers"])
-    for field in ("content-type", "content-encoding"):
-        assert fast[field] == slow[field]
-    for field in (
-        "delivery_info",
-        "priority",
-        "delivery_mode",
-        "body_encoding",
-        "expiration",
-        "reply_to",
-    ):
-        assert fast["properties"][field] == slow["properties"][field], field
-    for field in ("task", "lang", "argsrepr", "kwargsrepr", "retries", "eta", "ignore_result"):
-        assert fast["headers"][field] == slow["headers"][field], field
-
-    def body(message: dict[str, object]) -> object:
-        raw = base64.b64decode(message["body"])  # type: ignore[arg-type]
-        return loads(raw, message["content-type"], message["content-encoding"])
-
-    (fast_args, fast_kwargs, _), (slow_args, slow_kwargs, _) = body(fast), body(slow)  # type: ignore[misc]
-    assert fast_args[0] == slow_args[0] == "linear"
-    assert np.array_equal(fast_args[1], slow_args[1]) and fast_kwargs == slow_kwargs == {
-        "version": "v1"
-    }
 
 
 def test_popularity_decays_and_grows(client: redis.Redis) -> None:

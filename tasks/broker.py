@@ -1,0 +1,790 @@
+"""The broker layer: the one module that knows kombu's Redis layout and Celery's message
+and result layouts, and the reliable delivery the project keeps beside them.
+
+Queues are kombu's: a Redis list per queue, priority sub-lists ``q\\x06\\x16{3,6,9}``, each
+message a JSON envelope (kombu's) around a Celery protocol-2 task message. Anything that
+publishes through Celery or kombu lands in the same lists in the same format.
+
+Consuming is the project's own, so that no message is ever only in a worker's memory:
+
+- A worker blocks on *wake* lists (one token per queue, pushed by producers beside the
+  message), never on the queues themselves. Woken, it runs the fetch script, which pops up
+  to its free room from its queues in priority order and records every message in its
+  *held* hash, in one atomic step. A worker killed at any instant loses no message: it is
+  in a queue or in a held hash. A lost wake token only delays (every wait ends within a
+  second and fetches anyway).
+- Each held entry names the list it goes back to and the model version it counts for.
+  ``held_counts`` (version -> messages held by any worker) moves with the held hashes
+  inside the same scripts, so queued + held is exact at any instant.
+- A live worker renews its *lease* (``leases``: consumer -> deadline, in Redis's clock)
+  with every report. The expiry sweep and the scaler's failover give a dead worker's held
+  messages back to the head of their queues; acknowledging a message that was given back
+  meanwhile changes nothing (delivery is at least once).
+- Results are stored as Celery stores them (``celery-task-meta-<id>``, SETEX) in the same
+  round trip as the acknowledgement, before it. A request published by this project's
+  producers names its process's reply channel: the result is published there, where one
+  subscription per producer process receives all its results. Other requests get
+  Celery's per-task channel.
+
+Supported versions are pinned: a kombu or Celery release that changes these layouts must
+fail the contract tests (``tests/test_broker.py``), not production.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from bisect import bisect
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import celery
+import kombu
+import redis
+from celery import states
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+from celery.result import AsyncResult
+from kombu.serialization import dumps as kombu_dumps
+from kombu.serialization import loads as kombu_loads
+from kombu.serialization import registry as serializers
+
+from common import keys
+from common.errors import PayloadTooLargeError, RejectedMessageError
+
+# -- versions -------------------------------------------------------------------------------
+# The releases whose layouts the contract tests were run against.
+SUPPORTED = {"kombu": ((5, 7), (5, 8)), "celery": ((5, 7), (5, 8))}
+
+
+def _release(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def check_versions(installed: dict[str, str] | None = None) -> None:
+    installed = installed or {"kombu": kombu.__version__, "celery": celery.__version__}
+    for name, (low, high) in SUPPORTED.items():
+        if not low <= _release(installed[name]) < high:
+            raise ImportError(
+                f"{name} {installed[name]} is installed; this project's broker layer needs "
+                f"{name}>={low[0]}.{low[1]},<{high[0]}.{high[1]} (pip install -e .)"
+            )
+
+
+check_versions()
+
+# -- kombu's Redis layout --------------------------------------------------------------------
+# kombu's separator between a queue and its priority sub-list, and its priority steps:
+# one list per step, the lowest step served first.
+PRIORITY_SEPARATOR = "\x06\x16"
+PRIORITY_STEPS = (0, 3, 6, 9)
+# Celery's result key and per-task channel.
+RESULT_PREFIX = "celery-task-meta-"
+# Header naming the reply channel of the producer process waiting for the result.
+REPLY_HEADER = "reply_channel"
+# Header of the queue-wait metric: when the producer published (epoch seconds).
+PUBLISHED_HEADER = "published_at"
+
+
+def priority_step(priority: int | None) -> int:
+    p = max(0, min(int(priority or 0), 9))
+    return PRIORITY_STEPS[bisect(PRIORITY_STEPS, p) - 1]
+
+
+def priority_list(queue: str, priority: int | None) -> str:
+    """The list a message of this priority goes to."""
+    step = priority_step(priority)
+    return queue if step == 0 else f"{queue}{PRIORITY_SEPARATOR}{step}"
+
+
+def queue_lists(queue: str) -> list[str]:
+    """A queue's lists, the one served first first."""
+    return [queue] + [f"{queue}{PRIORITY_SEPARATOR}{s}" for s in PRIORITY_STEPS if s]
+
+
+def result_key(task_id: str) -> str:
+    return f"{RESULT_PREFIX}{task_id}"
+
+
+def text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+# -- Celery's task message -------------------------------------------------------------------
+_ORIGIN = f"gen{os.getpid()}@{socket.gethostname()}"
+
+
+def encode_task_message(
+    task_name: str,
+    task_id: str,
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+    *,
+    queue: str,
+    serializer: str,
+    priority: int = 0,
+    expires: datetime | None = None,
+    reply_channel: str | None = None,
+    headers: dict[str, Any] | None = None,
+    max_body_bytes: int | None = None,
+) -> bytes:
+    """Celery's protocol-2 message in kombu's Redis envelope, as ``send_task`` writes it."""
+    content_type, content_encoding, body = kombu_dumps(
+        (list(args), kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}),
+        serializer=serializer,
+    )
+    if isinstance(body, str):
+        body = body.encode(content_encoding or "utf-8")
+    if max_body_bytes is not None and len(body) > max_body_bytes:
+        raise PayloadTooLargeError(
+            f"request of {len(body)} bytes exceeds the limit of {max_body_bytes} bytes "
+            "(MAX_PAYLOAD_BYTES)"
+        )
+    message_headers: dict[str, Any] = {
+        "lang": "py",
+        "task": task_name,
+        "id": task_id,
+        "shadow": None,
+        "eta": None,
+        "expires": expires.isoformat() if expires is not None else None,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": [None, None],
+        "root_id": task_id,
+        "parent_id": None,
+        "argsrepr": "",
+        "kwargsrepr": "",
+        "origin": _ORIGIN,
+        "ignore_result": False,
+        "replaced_task_nesting": 0,
+        "stamped_headers": None,
+        "stamps": {},
+        PUBLISHED_HEADER: time.time(),
+    }
+    if reply_channel is not None:
+        message_headers[REPLY_HEADER] = reply_channel
+    if headers:
+        message_headers.update(headers)
+    properties: dict[str, Any] = {
+        "correlation_id": task_id,
+        "reply_to": reply_channel or "",
+        "delivery_mode": 2,
+        "delivery_info": {"exchange": "", "routing_key": queue},
+        "priority": max(0, min(int(priority or 0), 9)),
+        "body_encoding": "base64",
+        "delivery_tag": task_id,
+    }
+    if expires is not None:
+        remaining = (expires - datetime.now(timezone.utc)).total_seconds()
+        properties["expiration"] = str(int(max(remaining, 0) * 1000))
+    envelope = {
+        "body": base64.b64encode(body).decode(),
+        "content-encoding": content_encoding,
+        "content-type": content_type,
+        "headers": message_headers,
+        "properties": properties,
+    }
+    return json.dumps(envelope).encode()
+
+
+def expires_at(expires: float | datetime | None) -> datetime | None:
+    """Celery's ``expires`` (seconds from now, or a datetime) as an aware datetime."""
+    if expires is None:
+        return None
+    if isinstance(expires, datetime):
+        return expires if expires.tzinfo else expires.replace(tzinfo=timezone.utc)
+    return datetime.now(timezone.utc) + timedelta(seconds=float(expires))
+
+
+@dataclass
+class TaskMessage:
+    """A delivered task message, decoded."""
+
+    task_id: str
+    task_name: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    headers: dict[str, Any]
+    priority: int
+    expires: datetime | None
+    reply_channel: str | None
+    published_at: float | None
+
+    @property
+    def expired(self) -> bool:
+        return self.expires is not None and self.expires <= datetime.now(timezone.utc)
+
+
+@dataclass
+class Refused(Exception):
+    """A delivered message that can never run: its caller (if named) gets ``error``."""
+
+    error: Exception
+    task_id: str | None = None
+    reply_channel: str | None = None
+
+    def __str__(self) -> str:
+        return str(self.error)
+
+
+def decode_task_message(raw: bytes, *, accept: Iterable[str], max_body_bytes: int) -> TaskMessage:
+    """Decode a message as a worker receives it; raises ``Refused`` for one that can never
+    run (a pickle, a body over the limit, garbage), naming its task where it can."""
+    try:
+        envelope = json.loads(raw)
+        headers = envelope["headers"]
+        properties = envelope["properties"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise Refused(RejectedMessageError(f"undecodable message envelope: {exc}")) from None
+    task_id = headers.get("id") if isinstance(headers, dict) else None
+    reply = headers.get(REPLY_HEADER) if isinstance(headers, dict) else None
+    task_name = headers.get("task") if isinstance(headers, dict) else None
+
+    def refuse(error: Exception) -> Refused:
+        return Refused(error, task_id if isinstance(task_id, str) else None, reply)
+
+    if not isinstance(task_name, str) or not isinstance(task_id, str):
+        raise refuse(RejectedMessageError("not a Celery protocol-2 task message"))
+    body = envelope.get("body") or ""
+    if properties.get("body_encoding") == "base64":
+        if len(body) * 3 // 4 > max_body_bytes:
+            raise refuse(_too_large(len(body) * 3 // 4, max_body_bytes))
+        try:
+            body = base64.b64decode(body)
+        except ValueError as exc:
+            raise refuse(RejectedMessageError(f"undecodable {task_name} request: {exc}")) from None
+    if len(body) > max_body_bytes:
+        raise refuse(_too_large(len(body), max_body_bytes))
+    content_type = envelope.get("content-type")
+    accepted = {serializers.name_to_type.get(name, name) for name in accept}
+    if content_type not in accepted:
+        raise refuse(
+            RejectedMessageError(
+                f"content type {content_type!r} is not accepted; use one of {sorted(accept)}"
+            )
+        )
+    try:
+        decoded = kombu_loads(body, content_type, envelope.get("content-encoding"), accept=accepted)
+        args, kwargs = list(decoded[0]), dict(decoded[1] or {})
+    except Exception as exc:  # garbage from a producer: its caller hears of it
+        raise refuse(RejectedMessageError(f"undecodable {task_name} request: {exc}")) from None
+    expires = headers.get("expires")
+    published = headers.get(PUBLISHED_HEADER)
+    try:
+        expiry = datetime.fromisoformat(expires) if isinstance(expires, str) else None
+    except ValueError:
+        expiry = None
+    if expiry is not None and expiry.tzinfo is None:
+        expiry = expiry.replace(tzinfo=timezone.utc)
+    return TaskMessage(
+        task_id=task_id,
+        task_name=task_name,
+        args=args,
+        kwargs=kwargs,
+        headers=headers,
+        priority=int(properties.get("priority") or 0),
+        expires=expiry,
+        reply_channel=reply if isinstance(reply, str) else None,
+        published_at=float(published) if isinstance(published, int | float) else None,
+    )
+
+
+def _too_large(size: int, limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(
+        f"request of {size} bytes exceeds the limit of {limit} bytes (MAX_PAYLOAD_BYTES)"
+    )
+
+
+# -- Celery's result layout ------------------------------------------------------------------
+def result_meta(app: Any, task_id: str, state: str, value: Any) -> bytes:
+    """A result as Celery's Redis backend stores it (``value`` an exception for failures)."""
+    backend = app.backend
+    if state in states.EXCEPTION_STATES:
+        value = backend.prepare_exception(value)
+    meta = {
+        "status": state,
+        "result": value,
+        "traceback": None,
+        "children": [],
+        "date_done": datetime.now(timezone.utc).isoformat(),
+        "task_id": task_id,
+    }
+    return bytes(backend.encode(meta))
+
+
+def reply_payload(task_id: str, meta: bytes) -> bytes:
+    """What a reply channel carries: the task id, a newline, the stored result."""
+    return task_id.encode() + b"\n" + meta
+
+
+def split_reply(payload: bytes) -> tuple[str, bytes]:
+    task_id, _, meta = payload.partition(b"\n")
+    return task_id.decode(), meta
+
+
+def result_commands(
+    task_id: str, meta: bytes, *, expires_s: int, reply_channel: str | None
+) -> list[tuple[Any, ...]]:
+    """Store a result, then announce it to whoever waits for it."""
+    channel = reply_channel or result_key(task_id)
+    payload = reply_payload(task_id, meta) if reply_channel else meta
+    return [("SETEX", result_key(task_id), expires_s, meta), ("PUBLISH", channel, payload)]
+
+
+class InferenceResult(AsyncResult):
+    """Celery's ``AsyncResult`` whose results arrive on the producer process's reply channel
+    (``tasks.replies``). ``get``, ``ready``, ``state`` and ``AsyncResult(id)`` of a request
+    sent by another process keep Celery's meaning."""
+
+    def _replies(self) -> Any:
+        from tasks.replies import replies_for
+
+        return replies_for()
+
+    def get(
+        self,
+        timeout: float | None = None,
+        propagate: bool = True,
+        interval: float = 0.5,
+        no_ack: bool = True,
+        follow_parents: bool = True,
+        callback: Any = None,
+        on_message: Any = None,
+        on_interval: Any = None,
+        disable_sync_subtasks: bool = True,
+        **_: Any,
+    ) -> Any:
+        if self._cache is None:
+            raw = self._replies().wait(self.id, timeout)
+            self._maybe_set_cache(self.backend.decode_result(raw))
+        meta = self._cache
+        if callback is not None:
+            callback(self.id, meta["result"])
+        if meta["status"] in states.PROPAGATE_STATES and propagate:
+            raise meta["result"]
+        return meta["result"]
+
+    wait = get
+
+    def _get_task_meta(self) -> dict[str, Any]:
+        if self._cache is None:
+            raw = self._replies().peek(self.id)
+            if raw is not None:
+                return self._maybe_set_cache(self.backend.decode_result(raw))
+        return super()._get_task_meta()
+
+
+def not_answered(task_id: str, timeout: float | None, *, lost: bool) -> CeleryTimeoutError:
+    from common.errors import RequestLostError
+
+    if lost:
+        return RequestLostError(
+            f"no answer to {task_id} within {timeout} s, and Redis restarted after it was "
+            "queued: a Redis without persistence lost it"
+        )
+    return CeleryTimeoutError(f"no answer to {task_id} within {timeout} s")
+
+
+# -- scripts ---------------------------------------------------------------------------------
+# Every held entry is "<list to give it back to>\n<version label>\n<message>".
+
+# KEYS: held hash, leases, held counts, lists..., wake lists...
+# ARGV: room, lease seconds, consumer, tag prefix, number of lists, then per list: the list
+# to give its messages back to, their version label, the index of its wake list (1-based).
+# Returns tag, list index, message for every message taken.
+_FETCH = """
+local room = tonumber(ARGV[1])
+local nlists = tonumber(ARGV[5])
+local out = {}
+local counts = {}
+local waiting = {}
+local seq = 0
+for i = 1, nlists do
+  local key = KEYS[3 + i]
+  local base = 5 + (i - 1) * 3
+  if room > 0 then
+    local items = redis.call('RPOP', key, room)
+    if items then
+      local back, label = ARGV[base + 1], ARGV[base + 2]
+      for _, raw in ipairs(items) do
+        seq = seq + 1
+        local tag = ARGV[4] .. string.format('%06d', seq)
+        redis.call('HSET', KEYS[1], tag, back .. '\\n' .. label .. '\\n' .. raw)
+        out[#out + 1] = tag
+        out[#out + 1] = i
+        out[#out + 1] = raw
+      end
+      room = room - #items
+      counts[label] = (counts[label] or 0) + #items
+    end
+  end
+  if redis.call('LLEN', key) > 0 then waiting[tonumber(ARGV[base + 3])] = true end
+end
+for label, n in pairs(counts) do redis.call('HINCRBY', KEYS[3], label, n) end
+if seq > 0 then
+  local t = redis.call('TIME')
+  redis.call('ZADD', KEYS[2], tonumber(t[1]) + tonumber(ARGV[2]), ARGV[3])
+end
+for w = 1, #KEYS - 3 - nlists do
+  local wake = KEYS[3 + nlists + w]
+  if waiting[w] then
+    if redis.call('LLEN', wake) == 0 then redis.call('LPUSH', wake, '1') end
+  else
+    redis.call('DEL', wake)
+  end
+end
+return out
+"""
+
+# KEYS: held hash, held counts. ARGV: tag, label, tag, label, ...
+_ACK = """
+local done = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('HDEL', KEYS[1], ARGV[i]) == 1 then
+    done = done + 1
+    if redis.call('HINCRBY', KEYS[2], ARGV[i + 1], -1) <= 0 then
+      redis.call('HDEL', KEYS[2], ARGV[i + 1])
+    end
+  end
+end
+return done
+"""
+
+# Shared by the scripts that give messages back: to the head of their list, oldest served
+# first, each list's wake token set, each version's held count lowered.
+_GIVE_BACK = """
+local function give_back(held, counts, wake_prefix, tags)
+  table.sort(tags, function(a, b) return a > b end)
+  local moved = 0
+  for _, tag in ipairs(tags) do
+    local entry = redis.call('HGET', held, tag)
+    if entry then
+      local a = string.find(entry, '\\n', 1, true)
+      local b = string.find(entry, '\\n', a + 1, true)
+      local back = string.sub(entry, 1, a - 1)
+      local label = string.sub(entry, a + 1, b - 1)
+      redis.call('RPUSH', back, string.sub(entry, b + 1))
+      redis.call('HDEL', held, tag)
+      if redis.call('HINCRBY', counts, label, -1) <= 0 then redis.call('HDEL', counts, label) end
+      local sep = string.find(back, '\\6\\22', 1, true)
+      local wake = wake_prefix .. (sep and string.sub(back, 1, sep - 1) or back)
+      if redis.call('LLEN', wake) == 0 then redis.call('LPUSH', wake, '1') end
+      moved = moved + 1
+    end
+  end
+  return moved
+end
+"""
+
+# KEYS: held hash, held counts. ARGV: wake prefix, tags...
+_RETURN = (
+    _GIVE_BACK
+    + """
+local tags = {}
+for i = 2, #ARGV do tags[#tags + 1] = ARGV[i] end
+return give_back(KEYS[1], KEYS[2], ARGV[1], tags)
+"""
+)
+
+# Move every message of an instance queue to the head of its shared queue, order kept.
+_DRAIN = """
+local function drain(instance, shared, wake_prefix)
+  local moved = 0
+  for _, suffix in ipairs({'', '\\6\\0223', '\\6\\0226', '\\6\\0229'}) do
+    while redis.call('LMOVE', instance .. suffix, shared .. suffix, 'LEFT', 'RIGHT') do
+      moved = moved + 1
+    end
+  end
+  if moved > 0 and redis.call('LLEN', wake_prefix .. shared) == 0 then
+    redis.call('LPUSH', wake_prefix .. shared, '1')
+  end
+  return moved
+end
+"""
+
+# KEYS: leases, held counts, instance queue set. ARGV: held prefix, wake prefix, consumer
+# (empty: every consumer whose lease expired), instance queue prefix, shared queue prefix.
+# A gone consumer's held messages go back, and so does what waits in its instance queues.
+_RELEASE = (
+    _GIVE_BACK
+    + _DRAIN
+    + """
+local consumers = {}
+if ARGV[3] ~= '' then
+  consumers[1] = ARGV[3]
+else
+  local t = redis.call('TIME')
+  consumers = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', tonumber(t[1]))
+end
+local moved = 0
+for _, consumer in ipairs(consumers) do
+  local held = ARGV[1] .. consumer
+  moved = moved + give_back(held, KEYS[2], ARGV[2], redis.call('HKEYS', held))
+  redis.call('DEL', held)
+  redis.call('ZREM', KEYS[1], consumer)
+  for _, queue in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+    local at = string.find(queue, '@', #ARGV[4] + 1, true)
+    if at and string.sub(queue, at + 1) == consumer then
+      local shared = ARGV[5] .. string.sub(queue, #ARGV[4] + 1, at - 1)
+      moved = moved + drain(queue, shared, ARGV[2])
+      redis.call('SREM', KEYS[3], queue)
+    end
+  end
+end
+return moved
+"""
+)
+
+# KEYS: leases. ARGV: consumer, lease seconds.
+_RENEW = """
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[1], tonumber(t[1]) + tonumber(ARGV[2]), ARGV[1])
+return 1
+"""
+
+# KEYS: registered shared queues, queues that get priorities, instance queues, held counts.
+# ARGV: priority suffixes. Returns {queue, depth, ...} for non-empty queues and the held
+# counts as {label, n, ...}: read in one step, so that nothing is counted twice or missed.
+_LOAD = """
+local depth = {}
+for _, q in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local n = redis.call('LLEN', q)
+  if n > 0 then depth[q] = n end
+end
+for _, q in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  local n = depth[q] or 0
+  for i = 1, #ARGV do n = n + redis.call('LLEN', q .. ARGV[i]) end
+  if n > 0 then depth[q] = n end
+end
+for _, q in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  local n = redis.call('LLEN', q)
+  for i = 1, #ARGV do n = n + redis.call('LLEN', q .. ARGV[i]) end
+  if n > 0 then depth[q] = (depth[q] or 0) + n end
+end
+local queued = {}
+for q, n in pairs(depth) do
+  queued[#queued + 1] = q
+  queued[#queued + 1] = n
+end
+return {queued, redis.call('HGETALL', KEYS[4])}
+"""
+
+
+class Script:
+    """A Lua script run by its SHA, loaded again after a Redis restart forgot it."""
+
+    registry: list[Script] = []
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        import hashlib
+
+        self.sha = hashlib.sha1(source.encode()).hexdigest()  # noqa: S324 - Redis's own id
+        Script.registry.append(self)
+
+    def command(self, keys_: Sequence[Any], args: Sequence[Any]) -> tuple[Any, ...]:
+        return ("EVALSHA", self.sha, len(keys_), *keys_, *args)
+
+    def __call__(self, client: redis.Redis, keys_: Sequence[Any], args: Sequence[Any]) -> Any:
+        return run(client, [self.command(keys_, args)])[0]
+
+
+FETCH = Script(_FETCH)
+ACK = Script(_ACK)
+RETURN = Script(_RETURN)
+RELEASE = Script(_RELEASE)
+RENEW = Script(_RENEW)
+LOAD = Script(_LOAD)
+
+
+def load_scripts(client: redis.Redis) -> None:
+    for script in Script.registry:
+        client.script_load(script.source)
+
+
+def run(client: redis.Redis, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+    """Commands in one round trip, in order; errors raise after every reply is read."""
+    if not commands:
+        return []
+    for attempt in (1, 2):
+        pipe = client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        try:
+            return list(pipe.execute())
+        except redis.exceptions.NoScriptError:
+            if attempt == 2:
+                raise
+            load_scripts(client)  # a restarted Redis forgot them
+    raise AssertionError("unreachable")
+
+
+# -- the operations --------------------------------------------------------------------------
+def wake_key(queue: str) -> str:
+    return keys.WAKE_PREFIX + queue
+
+
+def publish_commands(queue: str, priority: int | None, message: bytes) -> list[tuple[Any, ...]]:
+    """Queue a message and leave a wake token for a waiting consumer (at most one waits)."""
+    wake = wake_key(queue)
+    return [
+        ("LPUSH", priority_list(queue, priority), message),
+        ("LPUSH", wake, b"1"),
+        ("LTRIM", wake, 0, 0),
+    ]
+
+
+@dataclass(frozen=True)
+class Source:
+    """A queue a consumer reads: where its messages go back to, what they count for."""
+
+    queue: str
+    shared: str  # its version's shared queue (itself, or the queue an instance queue feeds)
+    label: str  # the version's "name/version"
+    forward: bool = False  # read only to send its messages on to the shared queue
+
+
+@dataclass
+class Fetched:
+    tag: str
+    source: Source
+    raw: bytes
+
+
+@dataclass
+class ConsumerState:
+    """What one consumer (a worker, by hostname) reads and holds, in Redis terms."""
+
+    name: str
+    sources: list[Source] = field(default_factory=list)
+    _prefix: str = ""
+    _count: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self._prefix = f"{self.name}:{uuid.uuid4().hex[:8]}:"
+
+    @property
+    def held_key(self) -> str:
+        return keys.HELD_PREFIX + self.name
+
+    def next_prefix(self) -> str:
+        with self._lock:
+            self._count += 1
+            return f"{self._prefix}{self._count:012d}:"
+
+
+def fetch(client: redis.Redis, consumer: ConsumerState, room: int, lease_s: float) -> list[Fetched]:
+    """Take up to ``room`` messages from the consumer's sources, recorded as held."""
+    sources = consumer.sources
+    if room <= 0 or not sources:
+        return []
+    lists: list[tuple[str, Source]] = [
+        (name, source)
+        for step in range(len(PRIORITY_STEPS))
+        for source in sources
+        for name in [queue_lists(source.queue)[step]]
+    ]
+    wakes = [wake_key(s.queue) for s in sources]
+    wake_index = {s.queue: i + 1 for i, s in enumerate(sources)}
+    args: list[Any] = [room, lease_s, consumer.name, consumer.next_prefix(), len(lists)]
+    for name, source in lists:
+        back = source.shared + name[len(source.queue) :]
+        args += [back, source.label, wake_index[source.queue]]
+    keys_ = [consumer.held_key, keys.LEASES, keys.HELD_COUNTS, *(n for n, _ in lists), *wakes]
+    reply = FETCH(client, keys_, args)
+    return [
+        Fetched(text(reply[i]), lists[int(reply[i + 1]) - 1][1], bytes(reply[i + 2]))
+        for i in range(0, len(reply), 3)
+    ]
+
+
+def ack_command(consumer: ConsumerState, done: Sequence[tuple[str, str]]) -> tuple[Any, ...]:
+    """Acknowledge (tag, label) pairs: they leave the held hash and the held counts."""
+    return ACK.command([consumer.held_key, keys.HELD_COUNTS], [x for pair in done for x in pair])
+
+
+def give_back_command(consumer: ConsumerState, tags: Sequence[str]) -> tuple[Any, ...]:
+    """Held messages back to the head of their (shared) queues, unrun."""
+    return RETURN.command([consumer.held_key, keys.HELD_COUNTS], [keys.WAKE_PREFIX, *tags])
+
+
+def give_back(client: redis.Redis, consumer: ConsumerState, tags: Sequence[str]) -> int:
+    return int(run(client, [give_back_command(consumer, tags)])[0]) if tags else 0
+
+
+def renew_command(consumer: str, lease_s: float) -> tuple[Any, ...]:
+    return RENEW.command([keys.LEASES], [consumer, lease_s])
+
+
+def release(client: redis.Redis, consumer: str = "") -> int:
+    """Give back what ``consumer`` held and what waits in its instance queues (a failover),
+    or, with no consumer named, what every consumer whose lease expired held."""
+    return int(
+        RELEASE(
+            client,
+            [keys.LEASES, keys.HELD_COUNTS, keys.INSTANCE_QUEUES],
+            [
+                keys.HELD_PREFIX,
+                keys.WAKE_PREFIX,
+                consumer,
+                keys.INSTANCE_QUEUE_PREFIX,
+                keys.QUEUE_PREFIX,
+            ],
+        )
+    )
+
+
+def sweep(client: redis.Redis, lease_s: float) -> int:
+    """Give back what consumers whose lease expired held. Skipped while Redis has been up
+    for less than a lease: live workers renew theirs within a report of reconnecting."""
+    if float(client.info("server").get("uptime_in_seconds", 0)) < lease_s:
+        return 0
+    return release(client)
+
+
+@dataclass
+class Load:
+    """Per "name/version": requests waiting in its queues, and held by workers."""
+
+    queued: dict[str, int]
+    held: dict[str, int]
+
+
+def load_command() -> tuple[Any, ...]:
+    suffixes = [f"{PRIORITY_SEPARATOR}{step}" for step in PRIORITY_STEPS if step]
+    return LOAD.command(
+        [keys.REGISTRY_QUEUES, keys.PRIORITY_QUEUES, keys.INSTANCE_QUEUES, keys.HELD_COUNTS],
+        suffixes,
+    )
+
+
+def parse_load(reply: Any) -> Load:
+    queued_raw, held_raw = reply
+    queued: dict[str, int] = {}
+    for i in range(0, len(queued_raw), 2):
+        label = keys.queue_label(text(queued_raw[i]))
+        if label is not None:
+            queued[label] = queued.get(label, 0) + int(queued_raw[i + 1])
+    held = {
+        text(held_raw[i]): int(held_raw[i + 1])
+        for i in range(0, len(held_raw), 2)
+        if int(held_raw[i + 1]) > 0
+    }
+    return Load(queued, held)
+
+
+def wait_for_wake(
+    client: redis.Redis, consumer: ConsumerState, own_wake: str, timeout_s: float
+) -> None:
+    """Block until a producer (or this worker) leaves a wake token, or ``timeout_s``."""
+    wakes = [own_wake, *(wake_key(s.queue) for s in consumer.sources)]
+    client.brpop(wakes, timeout=timeout_s)

@@ -1,0 +1,255 @@
+"""The producer side in one straight line: resolve the version, route, balance, encode,
+publish, note, poke.
+
+``Producer.prepare`` does all of it without I/O of its own (its cached lookups yield the
+reads they need), and ends with the commands of one round trip: the message and its wake
+token, the in-flight count of a balanced request, the note of a prioritised queue and the
+scaler's poke for a version nobody serves. ``predict.delay``/``apply_async`` (a thread's
+own connection), the HTTP API and ``Autoscaler`` (``AsyncInferenceClient``, automatic
+pipelining in an event loop) all drive the same ``Producer``, built once per process.
+
+Round trips per request, all caches warm: one to publish; the result arrives on the
+process's reply channel (``tasks.replies``) with no round trip of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+import weakref
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+
+import redis
+from celery import states
+
+from common import keys
+from common.errors import BrokerUnavailableError, PayloadTooLargeError
+from common.redis import AsyncLink, ThreadLinks
+from common.settings import ServingSettings, serving_settings
+from tasks import broker, codec
+from tasks.balancing import Balancer, Route
+from tasks.replies import AsyncReplies, replies_for
+from tasks.routing import (
+    PREDICT,
+    PREDICT_BATCH,
+    Commands,
+    Reads,
+    RegistryView,
+    ServedView,
+    run_async,
+    run_sync,
+)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Call:
+    """What a caller asks for."""
+
+    model: str
+    inputs: Any
+    single: bool = True
+    version: str | None = None
+    key: str | None = None  # consistent-hash key
+    priority: int = 0  # 0 is served first, then 3, 6, 9 (kombu's Redis priorities)
+    expires: float | datetime | None = None  # not run after this (seconds from now)
+    task_id: str | None = None
+    headers: dict[str, Any] | None = None
+    serializer: str | None = None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    task_id: str
+    model: str
+    version: str
+    route: Route
+    commands: Commands
+
+
+class Producer:
+    def __init__(self, settings: ServingSettings | None = None) -> None:
+        self.settings = settings or serving_settings()
+        self.max_payload_bytes = self.settings.max_payload_bytes
+        self.registry = RegistryView(ttl_s=self.settings.registry_cache_s)
+        self.balancer = Balancer(ttl_s=1.0)
+        self.served = ServedView(ttl_s=max(self.settings.registry_cache_s, 0.5))
+        self.links = ThreadLinks(self.settings.redis_url)
+        self._prioritised: set[str] = set()
+
+    def run(self, reads: Reads[T]) -> T:
+        """Drive a lookup on this thread's connection."""
+        try:
+            return run_sync(reads, self.links.execute)
+        except redis.RedisError as exc:
+            raise BrokerUnavailableError(f"Redis is unreachable: {exc}") from exc
+
+    def prepare(self, call: Call, reply_channel: str | None) -> Reads[Prepared]:
+        size = codec.payload_bytes(call.inputs)
+        if size > self.max_payload_bytes:
+            raise PayloadTooLargeError(
+                f"inputs of at least {size} bytes exceed the limit of {self.max_payload_bytes} "
+                "bytes (MAX_PAYLOAD_BYTES)"
+            )
+        version = yield from self.registry.resolve(call.model, call.version)
+        route = yield from self.balancer.route(call.model, version, call.inputs, call.key)
+        task_id = call.task_id or str(uuid.uuid4())
+        message = broker.encode_task_message(
+            PREDICT if call.single else PREDICT_BATCH,
+            task_id,
+            (call.model, call.inputs),
+            {"version": version},
+            queue=route.queue,
+            serializer=call.serializer or codec.choose_serializer(call.inputs),
+            priority=call.priority,
+            expires=broker.expires_at(call.expires),
+            reply_channel=reply_channel,
+            headers=call.headers,
+            max_body_bytes=self.max_payload_bytes,
+        )
+        commands: Commands = []
+        if call.priority and route.shared_queue not in self._prioritised:
+            # The scaler counts priority sub-queues only of queues noted here.
+            commands.append(("SADD", keys.PRIORITY_QUEUES, route.shared_queue))
+            self._prioritised.add(route.shared_queue)
+        commands += broker.publish_commands(route.queue, call.priority, message)
+        in_flight = route.in_flight_command(call.model, version)
+        if in_flight is not None:
+            commands.append(in_flight)
+        text = keys.model_key_text(call.model, version)
+        if (yield from self.served.poke_due(text)):
+            # After the message: the woken scaler finds it queued.
+            commands.append(("PUBLISH", keys.SCALER_POKE, text))
+        return Prepared(task_id, call.model, version, route, commands)
+
+    def send(self, call: Call, app: Any) -> broker.InferenceResult:
+        """Publish from this thread; the result arrives on the process's reply channel."""
+        hub = replies_for(self.settings.backend_url)
+        hub.start()
+        prepared = self.run(self.prepare(call, hub.channel))
+        waiter = hub.expect(prepared.task_id)
+        try:
+            self.links.execute(prepared.commands)
+        except redis.RedisError as exc:
+            hub.discard(prepared.task_id)
+            raise BrokerUnavailableError(
+                f"Redis is unreachable, the request was not queued: {exc}"
+            ) from exc
+        result = app.AsyncResult(
+            prepared.task_id, task_name=PREDICT if call.single else PREDICT_BATCH
+        )
+        result.waiter = waiter  # registered as long as the result object lives
+        return result
+
+
+_producer: Producer | None = None
+_producer_lock = threading.Lock()
+
+
+def shared_producer() -> Producer:
+    """The process's producer, built from settings on first use."""
+    global _producer
+    with _producer_lock:
+        if _producer is None:
+            _producer = Producer()
+        return _producer
+
+
+def decode_result(raw: bytes) -> Any:
+    """A stored result: its value, or its error raised (with its type)."""
+    from workers import app
+
+    meta = app.backend.decode_result(raw)
+    if meta["status"] in states.PROPAGATE_STATES:
+        raise meta["result"]
+    return meta["result"]
+
+
+@dataclass
+class Pending:
+    """A request published by ``AsyncInferenceClient.submit``, not yet answered."""
+
+    task_id: str
+    model: str
+    version: str
+    future: asyncio.Future[bytes]
+
+
+class AsyncInferenceClient:
+    """Predictions from an event loop (FastAPI, aiohttp, Starlette)::
+
+        client = AsyncInferenceClient()
+        outputs = await client.predict("tiny_mlp", x)
+
+    Every call of the loop shares one connection for publishing (requests handed in while a
+    round trip is under way go out together) and one reply channel for results, so
+    thousands of awaits can be in flight at once. ``await predict.aio(...)`` uses one
+    client per running loop.
+    """
+
+    def __init__(self, producer: Producer | None = None) -> None:
+        self.producer = producer or shared_producer()
+        settings = self.producer.settings
+        self.link = AsyncLink(settings.redis_url)
+        self.replies = AsyncReplies(settings.backend_url)
+
+    async def start(self) -> None:
+        await self.replies.start()
+
+    async def aclose(self) -> None:
+        await self.replies.aclose()
+        await self.link.aclose()
+
+    async def lookup(self, reads: Reads[T]) -> T:
+        try:
+            return await run_async(reads, self.link.execute)
+        except redis.RedisError as exc:
+            raise BrokerUnavailableError(f"Redis is unreachable: {exc}") from exc
+
+    async def submit(self, call: Call) -> Pending:
+        await self.replies.start()
+        prepared = await self.lookup(self.producer.prepare(call, self.replies.channel))
+        future = self.replies.expect(prepared.task_id)
+        try:
+            await self.link.execute(prepared.commands)
+        except redis.RedisError as exc:
+            self.replies.discard(prepared.task_id)
+            raise BrokerUnavailableError(
+                f"Redis is unreachable, the request was not queued: {exc}"
+            ) from exc
+        return Pending(prepared.task_id, prepared.model, prepared.version, future)
+
+    async def result(self, pending: Pending, timeout: float | None = None) -> Any:
+        return decode_result(await self.replies.wait(pending.task_id, timeout))
+
+    async def predict(
+        self,
+        model: str,
+        inputs: Any,
+        *,
+        version: str | None = None,
+        key: str | None = None,
+        priority: int = 0,
+        timeout: float | None = None,
+        single: bool = True,
+    ) -> Any:
+        """One request's outputs; ``timeout`` also stops it from running any later."""
+        call = Call(model, inputs, single, version, key, priority, expires=timeout)
+        return await self.result(await self.submit(call), timeout)
+
+
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncInferenceClient] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def client_for_running_loop() -> AsyncInferenceClient:
+    loop = asyncio.get_running_loop()
+    client = _clients.get(loop)
+    if client is None:
+        client = _clients[loop] = AsyncInferenceClient()
+    return client
