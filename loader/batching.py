@@ -1,11 +1,15 @@
 """Dynamic batching: requests waiting on one model version run as one forward pass.
 
-The runner thread takes, for the model version whose oldest request has waited longest,
-up to ``max_batch_size`` rows. While the runner is busy, new requests pile up and form the
-next batch, so batches grow with load and a lone request never waits for company unless
-the model asks for it with ``max_batch_delay_ms``. Finished batches go to a completion
-thread (results stored, messages acknowledged) so that the runner starts the next batch at
-once. A batch that raises is run again one request at a time, so only the bad request fails.
+The batcher takes, for the model version whose oldest request has waited longest, up to
+``max_batch_size`` rows. While a batch runs, new requests pile up and form the next one,
+so batches grow with load and a lone request never waits for company unless the model asks
+for it with ``max_batch_delay_ms``. A batch that raises is run again one request at a time,
+so only the bad request fails.
+
+Two ways to drive it: ``start()`` runs batches on a thread of its own and hands finished
+ones to a completion thread (the in-process path); a worker's serving loop calls
+``next_batch``/``run_batch``/``record`` itself, so that fetching, running and answering
+share one thread and one round trip (``tasks.fetcher``).
 """
 
 from __future__ import annotations
@@ -190,6 +194,9 @@ class Batcher:
         self._running_items = 0
         self._stopping = False
         self._done: queue.SimpleQueue[list[Outcome] | None] = queue.SimpleQueue()
+        # Called when a waiting request may have become runnable (a serving loop blocked on
+        # Redis has to be woken there).
+        self.on_wake: Callable[[], None] = lambda: None
         self.stats = BatcherStats()
         # Called with every completed batch of outcomes, after completion (metrics).
         self.observers: list[Callable[[list[Outcome]], None]] = []
@@ -200,6 +207,7 @@ class Batcher:
 
     # -- producer side ----------------------------------------------------------------------
     def start(self) -> None:
+        """Run batches on threads of their own (without it, a serving loop drives them)."""
         for thread in self._threads:
             thread.start()
 
@@ -213,11 +221,13 @@ class Batcher:
     def finish_now(self, outcomes: list[Outcome]) -> None:
         """Complete requests that failed before reaching a model (bad names, bad calls)."""
         self._done.put(outcomes)
+        self.on_wake()
 
     def wake(self) -> None:
         """Re-evaluate waiting models (a load finished or failed)."""
         with self._cond:
             self._cond.notify()
+        self.on_wake()
 
     def take(self, key: ModelKey) -> list[Item]:
         """Remove and return the requests waiting on one model version (not the running)."""
@@ -254,8 +264,55 @@ class Batcher:
         self._done.put(None)
         self._threads[1].join(max(0.0, deadline - time.monotonic()))
 
-    # -- runner -----------------------------------------------------------------------------
+    # -- one step at a time -----------------------------------------------------------------
+    def next_batch(self) -> tuple[tuple[ModelKey, list[Item]] | None, float | None]:
+        """The next batch to run (now counted as running), or how long until one may be
+        ready (None: not until something is submitted)."""
+        with self._cond:
+            picked, wait_s = self._pick()
+            if picked is not None:
+                self._running_key, self._running_items = picked[0], len(picked[1])
+            return picked, wait_s
+
+    def run_batch(self, key: ModelKey, items: list[Item]) -> list[Outcome]:
+        try:
+            return self._execute(key, items)
+        except Exception as exc:  # a bug here must not stop serving or lose requests
+            logger.exception("batch of model %s failed unexpectedly", key)
+            return [Outcome(i, error=ModelExecutionError(f"internal error: {exc}")) for i in items]
+        finally:
+            with self._cond:
+                self._running_key, self._running_items = None, 0
+
+    def finished_early(self) -> list[Outcome]:
+        """Outcomes handed to ``finish_now``, for a serving loop to answer."""
+        outcomes: list[Outcome] = []
+        while not self._done.empty():
+            outcomes += self._done.get() or []
+        return outcomes
+
+    def record(self, outcomes: list[Outcome]) -> None:
+        """Count answered requests and tell the observers (after they were answered)."""
+        now = self._clock()
+        for outcome in outcomes:
+            if outcome.item.cold:
+                self.stats.cache_misses += 1
+            else:
+                self.stats.cache_hits += 1
+            if outcome.error is None:
+                self.stats.served += 1
+                self.stats.record_latency(outcome.item.key, now - outcome.item.received)
+            else:
+                self.stats.failed += 1
+        for observer in self.observers:
+            try:
+                observer(outcomes)
+            except Exception:
+                logger.exception("batch observer %r failed", observer)
+
+    # -- on threads of its own --------------------------------------------------------------
     def _run(self) -> None:
+        self.cache.pin_threads()
         while True:
             with self._cond:
                 while True:
@@ -266,17 +323,20 @@ class Batcher:
                     if self._stopping and not any(self._queues.values()):
                         return
                     self._cond.wait(wait_s)
-            key, items = picked
+            self._done.put(self.run_batch(*picked))
+
+    def _finish(self) -> None:
+        while True:
+            outcomes = self._done.get()
+            if outcomes is None:
+                return
+            if not outcomes:
+                continue
             try:
-                outcomes = self._execute(key, items)
-            except Exception as exc:  # a bug here must not kill the runner or lose requests
-                logger.exception("batch of model %s failed unexpectedly", key)
-                outcomes = [
-                    Outcome(i, error=ModelExecutionError(f"internal error: {exc}")) for i in items
-                ]
-            self._done.put(outcomes)
-            with self._cond:
-                self._running_key, self._running_items = None, 0
+                self._complete(outcomes)
+            except Exception:
+                logger.exception("could not complete %d requests", len(outcomes))
+            self.record(outcomes)
 
     def _pick(self) -> tuple[tuple[ModelKey, list[Item]] | None, float | None]:
         """The next batch to run, or how long to wait before looking again (None: until woken)."""
@@ -399,34 +459,3 @@ class Batcher:
         bounds = np.cumsum([len(b) for b in batches])[:-1]
         self.stats.record_batch(model.key, len(array))
         return np.split(result, bounds)
-
-    # -- completion -------------------------------------------------------------------------
-    def _finish(self) -> None:
-        while True:
-            outcomes = self._done.get()
-            if outcomes is None:
-                return
-            if not outcomes:
-                continue
-            now = self._clock()
-            for outcome in outcomes:
-                if outcome.item.cold:
-                    self.stats.cache_misses += 1
-                else:
-                    self.stats.cache_hits += 1
-                if outcome.error is None:
-                    self.stats.served += 1
-                    self.stats.record_latency(outcome.item.key, now - outcome.item.received)
-                else:
-                    self.stats.failed += 1
-            try:
-                self._complete(outcomes)
-            except Exception:
-                # The messages stay unacknowledged and are redelivered after the visibility
-                # timeout: nothing is lost, at worst run twice.
-                logger.exception("could not complete %d requests", len(outcomes))
-            for observer in self.observers:
-                try:
-                    observer(outcomes)
-                except Exception:
-                    logger.exception("batch observer %r failed", observer)

@@ -83,8 +83,10 @@ class ModelCache:
         failure_cooldown_s: float,
         on_change: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
+        threads: int = 0,
     ) -> None:
         self.repository = repository
+        self.threads = threads
         self.device = device
         self.max_loaded_models = max_loaded_models
         self.cache_size_bytes = cache_size_bytes
@@ -95,12 +97,20 @@ class ModelCache:
         self._clock = clock
         self._lock = threading.Lock()
         self._entries: OrderedDict[ModelKey, CachedModel] = OrderedDict()
-        self._pool = ThreadPoolExecutor(concurrent_loads, thread_name_prefix="model-load")
+        self._pool = ThreadPoolExecutor(
+            concurrent_loads, thread_name_prefix="model-load", initializer=self.pin_threads
+        )
         # Called with (key, seconds) after a load, (key, None) after a failed one.
         self.on_loaded: Callable[[ModelKey, float | None], None] | None = None
         self.loads = 0
         self.load_failures = 0
         self.evictions = 0
+
+    def pin_threads(self) -> None:
+        """Called by every thread that runs models: OpenMP keeps its thread count per
+        thread, so a new thread would fan small ops out over every core and spin there."""
+        if self.threads:
+            torch.set_num_threads(self.threads)
 
     # -- lookups ----------------------------------------------------------------------------
     def status(self, key: ModelKey) -> CachedModel:

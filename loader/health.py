@@ -56,7 +56,9 @@ class HealthChecker:
         self._clock = clock
         self._lock = threading.Lock()
         self._health: dict[ModelKey, InstanceHealth] = {}
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="health-probe")
+        self._pool = ThreadPoolExecutor(
+            1, thread_name_prefix="health-probe", initializer=cache.pin_threads
+        )
         self._running: Future[None] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="health", daemon=True)

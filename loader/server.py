@@ -28,7 +28,7 @@ class ModelServer:
         serving: ServingSettings,
         worker: WorkerSettings,
         *,
-        complete: Callable[[list[Outcome]], None],
+        complete: Callable[[list[Outcome]], None] = lambda outcomes: None,
         admit: Callable[[list[Item]], tuple[list[Item], list[Outcome]]] = lambda items: (items, []),
     ) -> None:
         import_factory_modules(serving.model_factory_modules)
@@ -46,6 +46,7 @@ class ModelServer:
             concurrent_loads=worker.concurrent_loads,
             failure_cooldown_s=worker.failure_cooldown_seconds,
             on_change=self._wake,
+            threads=worker.torch_threads if self.device.type == "cpu" else 0,
         )
         self._resolved: dict[tuple[Any, Any], tuple[float, ModelKey]] = {}
         self.batcher = Batcher(
@@ -59,8 +60,11 @@ class ModelServer:
     def _wake(self) -> None:
         self.batcher.wake()
 
-    def start(self) -> None:
-        self.batcher.start()
+    def start(self, *, threads: bool = True) -> None:
+        """``threads``: batches run on the batcher's own threads; otherwise the caller's
+        serving loop drives the batcher."""
+        if threads:
+            self.batcher.start()
         logger.info("model server on %s, repository %s", self.device, self.repository.root)
 
     def stop(self) -> None:

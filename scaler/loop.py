@@ -3,6 +3,7 @@ what tests call directly."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import Counter
@@ -218,7 +219,7 @@ class ScalerLoop:
         queues go back to the shared queues now, not after its lease expires."""
         starting = {n for n, w in view.snapshot.workers.items() if w.starting}
         for hostname in sorted(view.consumers - set(view.reports) - starting):
-            moved = broker.release(self.store.client, hostname)
+            moved = broker.release(functools.partial(broker.run, self.store.client), hostname)
             self._forget_routing(hostname)
             if moved:
                 logger.warning(

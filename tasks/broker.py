@@ -33,6 +33,7 @@ fail the contract tests (``tests/test_broker.py``), not production.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import socket
@@ -40,8 +41,8 @@ import threading
 import time
 import uuid
 from bisect import bisect
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -57,6 +58,7 @@ from kombu.serialization import registry as serializers
 
 from common import keys
 from common.errors import PayloadTooLargeError, RejectedMessageError
+from tasks import codec
 
 # -- versions -------------------------------------------------------------------------------
 # The releases whose layouts the contract tests were run against.
@@ -119,6 +121,35 @@ def text(value: bytes | str) -> str:
 
 # -- Celery's task message -------------------------------------------------------------------
 _ORIGIN = f"gen{os.getpid()}@{socket.gethostname()}"
+_json_str = json.encoder.encode_basestring_ascii  # a JSON string literal, quotes included
+_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+
+
+class TaskIds:
+    """Random task ids in uuid4 form, from a per-thread pool of system entropy (one system
+    call per 256 ids, not one per id); a forked child draws its own."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._local = threading.local()
+
+    def __call__(self) -> str:
+        local = self._local
+        pool: str = getattr(local, "pool", "")
+        at: int = getattr(local, "at", 0)
+        if at >= len(pool):
+            pool, at = os.urandom(2048).hex(), 0
+            local.pool = pool
+        local.at = at + 32
+        h = pool[at : at + 32]
+        variant = "89ab"[int(h[16], 16) & 3]
+        return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:]}"
+
+
+new_task_id = TaskIds()
 
 
 def encode_task_message(
@@ -135,11 +166,13 @@ def encode_task_message(
     headers: dict[str, Any] | None = None,
     max_body_bytes: int | None = None,
 ) -> bytes:
-    """Celery's protocol-2 message in kombu's Redis envelope, as ``send_task`` writes it."""
-    content_type, content_encoding, body = kombu_dumps(
-        (list(args), kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}),
-        serializer=serializer,
-    )
+    """Celery's protocol-2 message in kombu's Redis envelope, as ``send_task`` writes it
+    (written out by hand: a JSON encoder walking the dicts costs more than the rest)."""
+    payload = (list(args), kwargs, _EMBED)
+    if serializer == codec.SERIALIZER:  # the hot path, without the registry's wrappers
+        content_type, content_encoding, body = codec.CONTENT_TYPE, "binary", codec.dumps(payload)
+    else:
+        content_type, content_encoding, body = kombu_dumps(payload, serializer=serializer)
     if isinstance(body, str):
         body = body.encode(content_encoding or "utf-8")
     if max_body_bytes is not None and len(body) > max_body_bytes:
@@ -147,52 +180,34 @@ def encode_task_message(
             f"request of {len(body)} bytes exceeds the limit of {max_body_bytes} bytes "
             "(MAX_PAYLOAD_BYTES)"
         )
-    message_headers: dict[str, Any] = {
-        "lang": "py",
-        "task": task_name,
-        "id": task_id,
-        "shadow": None,
-        "eta": None,
-        "expires": expires.isoformat() if expires is not None else None,
-        "group": None,
-        "group_index": None,
-        "retries": 0,
-        "timelimit": [None, None],
-        "root_id": task_id,
-        "parent_id": None,
-        "argsrepr": "",
-        "kwargsrepr": "",
-        "origin": _ORIGIN,
-        "ignore_result": False,
-        "replaced_task_nesting": 0,
-        "stamped_headers": None,
-        "stamps": {},
-        PUBLISHED_HEADER: time.time(),
-    }
+    tid = _json_str(task_id)
+    extra = ""
     if reply_channel is not None:
-        message_headers[REPLY_HEADER] = reply_channel
+        extra += f', "{REPLY_HEADER}": {_json_str(reply_channel)}'
     if headers:
-        message_headers.update(headers)
-    properties: dict[str, Any] = {
-        "correlation_id": task_id,
-        "reply_to": reply_channel or "",
-        "delivery_mode": 2,
-        "delivery_info": {"exchange": "", "routing_key": queue},
-        "priority": max(0, min(int(priority or 0), 9)),
-        "body_encoding": "base64",
-        "delivery_tag": task_id,
-    }
+        extra += "".join(f", {_json_str(str(k))}: {json.dumps(v)}" for k, v in headers.items())
+    expiration = ""
     if expires is not None:
         remaining = (expires - datetime.now(timezone.utc)).total_seconds()
-        properties["expiration"] = str(int(max(remaining, 0) * 1000))
-    envelope = {
-        "body": base64.b64encode(body).decode(),
-        "content-encoding": content_encoding,
-        "content-type": content_type,
-        "headers": message_headers,
-        "properties": properties,
-    }
-    return json.dumps(envelope).encode()
+        expiration = f', "expiration": "{int(max(remaining, 0) * 1000)}"'
+    p = max(0, min(int(priority or 0), 9))
+    return (
+        f'{{"body": "{base64.b64encode(body).decode()}", '
+        f'"content-encoding": {_json_str(content_encoding)}, '
+        f'"content-type": {_json_str(content_type)}, '
+        f'"headers": {{"lang": "py", "task": {_json_str(task_name)}, "id": {tid}, '
+        f'"shadow": null, "eta": null, '
+        f'"expires": {_json_str(expires.isoformat()) if expires is not None else "null"}, '
+        f'"group": null, "group_index": null, "retries": 0, "timelimit": [null, null], '
+        f'"root_id": {tid}, "parent_id": null, "argsrepr": "", "kwargsrepr": "", '
+        f'"origin": {_json_str(_ORIGIN)}, "ignore_result": false, '
+        f'"replaced_task_nesting": 0, "stamped_headers": null, "stamps": {{}}, '
+        f'"{PUBLISHED_HEADER}": {time.time()!r}{extra}}}, '
+        f'"properties": {{"correlation_id": {tid}, "reply_to": {_json_str(reply_channel or "")}, '
+        f'"delivery_mode": 2, "delivery_info": {{"exchange": "", '
+        f'"routing_key": {_json_str(queue)}}}, "priority": {p}, "body_encoding": "base64", '
+        f'"delivery_tag": {tid}{expiration}}}}}'
+    ).encode()
 
 
 def expires_at(expires: float | datetime | None) -> datetime | None:
@@ -317,7 +332,18 @@ def result_meta(app: Any, task_id: str, state: str, value: Any) -> bytes:
         "date_done": datetime.now(timezone.utc).isoformat(),
         "task_id": task_id,
     }
+    if backend.serializer == codec.SERIALIZER:  # the hot path, without the registry
+        return codec.dumps(meta)
     return bytes(backend.encode(meta))
+
+
+def decode_result(backend: Any, raw: bytes) -> dict[str, Any]:
+    """A stored result as Celery's backend decodes it (the result serializer is always the
+    project's msgpack codec; read directly, without the serializer registry's checks)."""
+    meta = codec.loads(raw)
+    if not isinstance(meta, dict) or "status" not in meta:
+        raise RejectedMessageError(f"not a stored result: {raw[:80]!r}")
+    return dict(backend.meta_from_decoded(meta))
 
 
 def reply_payload(task_id: str, meta: bytes) -> bytes:
@@ -344,10 +370,40 @@ class InferenceResult(AsyncResult):
     (``tasks.replies``). ``get``, ``ready``, ``state`` and ``AsyncResult(id)`` of a request
     sent by another process keep Celery's meaning."""
 
-    def _replies(self) -> Any:
-        from tasks.replies import replies_for
+    _cache: dict[str, Any] | None
+    waiter: Any = None  # keeps this request registered with the reply channel
 
-        return replies_for()
+    hub: Any = None  # the reply channel it arrives on
+
+    @classmethod
+    def sent(cls, task_id: str, app: Any, hub: Any, waiter: Any) -> InferenceResult:
+        """The result of a request this process just published (Celery's constructor
+        builds a promise and looks the backend up per call: a fifth of a publish)."""
+        result = cls.__new__(cls)
+        result.app, result.id, result.backend = app, task_id, app.backend
+        result.parent, result._cache, result._ignored = None, None, False
+        result.hub, result.waiter = hub, waiter
+        return result
+
+    @property
+    def on_ready(self) -> Any:  # Celery's promise, made when something asks for it
+        ready = self.__dict__.get("_on_ready")
+        if ready is None:
+            from vine import promise
+
+            ready = self.__dict__["_on_ready"] = promise(self._on_fulfilled, weak=True)
+        return ready
+
+    @on_ready.setter
+    def on_ready(self, value: Any) -> None:
+        self.__dict__["_on_ready"] = value
+
+    def _replies(self) -> Any:
+        if self.hub is None:
+            from tasks.replies import replies_for
+
+            self.hub = replies_for()
+        return self.hub
 
     def get(
         self,
@@ -362,10 +418,10 @@ class InferenceResult(AsyncResult):
         disable_sync_subtasks: bool = True,
         **_: Any,
     ) -> Any:
-        if self._cache is None:
-            raw = self._replies().wait(self.id, timeout)
-            self._maybe_set_cache(self.backend.decode_result(raw))
         meta = self._cache
+        if meta is None:
+            meta = decode_result(self.backend, self._replies().wait(self.id, timeout))
+            self._cache = meta
         if callback is not None:
             callback(self.id, meta["result"])
         if meta["status"] in states.PROPAGATE_STATES and propagate:
@@ -373,6 +429,9 @@ class InferenceResult(AsyncResult):
         return meta["result"]
 
     wait = get
+
+    def __del__(self) -> None:
+        """Nothing to cancel: no per-request subscription exists (Celery's would)."""
 
     def _get_task_meta(self) -> dict[str, Any]:
         if self._cache is None:
@@ -593,9 +652,6 @@ class Script:
     def command(self, keys_: Sequence[Any], args: Sequence[Any]) -> tuple[Any, ...]:
         return ("EVALSHA", self.sha, len(keys_), *keys_, *args)
 
-    def __call__(self, client: redis.Redis, keys_: Sequence[Any], args: Sequence[Any]) -> Any:
-        return run(client, [self.command(keys_, args)])[0]
-
 
 FETCH = Script(_FETCH)
 ACK = Script(_ACK)
@@ -603,6 +659,9 @@ RETURN = Script(_RETURN)
 RELEASE = Script(_RELEASE)
 RENEW = Script(_RENEW)
 LOAD = Script(_LOAD)
+
+
+Execute = Callable[[Sequence[tuple[Any, ...]]], list[Any]]
 
 
 def load_scripts(client: redis.Redis) -> None:
@@ -633,13 +692,9 @@ def wake_key(queue: str) -> str:
 
 
 def publish_commands(queue: str, priority: int | None, message: bytes) -> list[tuple[Any, ...]]:
-    """Queue a message and leave a wake token for a waiting consumer (at most one waits)."""
-    wake = wake_key(queue)
-    return [
-        ("LPUSH", priority_list(queue, priority), message),
-        ("LPUSH", wake, b"1"),
-        ("LTRIM", wake, 0, 0),
-    ]
+    """Queue a message and leave a wake token for a waiting consumer. Tokens left while
+    every consumer was busy are cleared by the next fetch (one left if messages remain)."""
+    return [("LPUSH", priority_list(queue, priority), message), ("LPUSH", wake_key(queue), b"1")]
 
 
 @dataclass(frozen=True)
@@ -659,22 +714,41 @@ class Fetched:
     raw: bytes
 
 
-@dataclass
 class ConsumerState:
-    """What one consumer (a worker, by hostname) reads and holds, in Redis terms."""
+    """What one consumer (a worker, by hostname) reads and holds, in Redis terms; the
+    parts of its fetch that only change with its sources are built once per change."""
 
-    name: str
-    sources: list[Source] = field(default_factory=list)
-    _prefix: str = ""
-    _count: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.held_key = keys.HELD_PREFIX + name
+        self._prefix = f"{name}:{uuid.uuid4().hex[:8]}:"
+        self._count = 0
+        self._lock = threading.Lock()
+        self.sources: list[Source] = []
+        self._lists: list[tuple[str, Source]] = []
+        self._keys: list[str] = []
+        self._args: list[Any] = []
+        self._wait: tuple[str, ...] = ()
 
-    def __post_init__(self) -> None:
-        self._prefix = f"{self.name}:{uuid.uuid4().hex[:8]}:"
-
-    @property
-    def held_key(self) -> str:
-        return keys.HELD_PREFIX + self.name
+    def set_sources(self, sources: list[Source]) -> None:
+        # In priority order: every source's step-0 list first, then step 3, 6, 9.
+        lists = [
+            (queue_lists(source.queue)[step], source)
+            for step in range(len(PRIORITY_STEPS))
+            for source in sources
+        ]
+        wakes = [wake_key(s.queue) for s in sources]
+        wake_index = {s.queue: i + 1 for i, s in enumerate(sources)}
+        args: list[Any] = [len(lists)]
+        for name, source in lists:
+            args += [
+                source.shared + name[len(source.queue) :],
+                source.label,
+                wake_index[source.queue],
+            ]
+        self._lists, self._args, self._wait = lists, args, tuple(wakes)
+        self._keys = [self.held_key, keys.LEASES, keys.HELD_COUNTS, *(n for n, _ in lists), *wakes]
+        self.sources = sources
 
     def next_prefix(self) -> str:
         with self._lock:
@@ -682,29 +756,33 @@ class ConsumerState:
             return f"{self._prefix}{self._count:012d}:"
 
 
-def fetch(client: redis.Redis, consumer: ConsumerState, room: int, lease_s: float) -> list[Fetched]:
-    """Take up to ``room`` messages from the consumer's sources, recorded as held."""
-    sources = consumer.sources
-    if room <= 0 or not sources:
+@dataclass
+class FetchPlan:
+    """One fetch: its script call, and how to read the reply."""
+
+    command: tuple[Any, ...]
+    lists: list[tuple[str, Source]]
+
+    def parse(self, reply: Any) -> list[Fetched]:
+        lists = self.lists
+        return [
+            Fetched(text(reply[i]), lists[int(reply[i + 1]) - 1][1], bytes(reply[i + 2]))
+            for i in range(0, len(reply), 3)
+        ]
+
+
+def fetch_command(consumer: ConsumerState, room: int, lease_s: float) -> FetchPlan:
+    """Take up to ``room`` messages from the consumer's sources, in priority order, each
+    recorded as held in the same atomic step."""
+    args = [room, lease_s, consumer.name, consumer.next_prefix(), *consumer._args]
+    return FetchPlan(FETCH.command(consumer._keys, args), consumer._lists)
+
+
+def fetch(execute: Execute, consumer: ConsumerState, room: int, lease_s: float) -> list[Fetched]:
+    if room <= 0 or not consumer.sources:
         return []
-    lists: list[tuple[str, Source]] = [
-        (name, source)
-        for step in range(len(PRIORITY_STEPS))
-        for source in sources
-        for name in [queue_lists(source.queue)[step]]
-    ]
-    wakes = [wake_key(s.queue) for s in sources]
-    wake_index = {s.queue: i + 1 for i, s in enumerate(sources)}
-    args: list[Any] = [room, lease_s, consumer.name, consumer.next_prefix(), len(lists)]
-    for name, source in lists:
-        back = source.shared + name[len(source.queue) :]
-        args += [back, source.label, wake_index[source.queue]]
-    keys_ = [consumer.held_key, keys.LEASES, keys.HELD_COUNTS, *(n for n, _ in lists), *wakes]
-    reply = FETCH(client, keys_, args)
-    return [
-        Fetched(text(reply[i]), lists[int(reply[i + 1]) - 1][1], bytes(reply[i + 2]))
-        for i in range(0, len(reply), 3)
-    ]
+    plan = fetch_command(consumer, room, lease_s)
+    return plan.parse(execute([plan.command])[0])
 
 
 def ack_command(consumer: ConsumerState, done: Sequence[tuple[str, str]]) -> tuple[Any, ...]:
@@ -717,30 +795,28 @@ def give_back_command(consumer: ConsumerState, tags: Sequence[str]) -> tuple[Any
     return RETURN.command([consumer.held_key, keys.HELD_COUNTS], [keys.WAKE_PREFIX, *tags])
 
 
-def give_back(client: redis.Redis, consumer: ConsumerState, tags: Sequence[str]) -> int:
-    return int(run(client, [give_back_command(consumer, tags)])[0]) if tags else 0
+def give_back(execute: Execute, consumer: ConsumerState, tags: Sequence[str]) -> int:
+    return int(execute([give_back_command(consumer, tags)])[0]) if tags else 0
 
 
 def renew_command(consumer: str, lease_s: float) -> tuple[Any, ...]:
     return RENEW.command([keys.LEASES], [consumer, lease_s])
 
 
-def release(client: redis.Redis, consumer: str = "") -> int:
+def release(execute: Execute, consumer: str = "") -> int:
     """Give back what ``consumer`` held and what waits in its instance queues (a failover),
     or, with no consumer named, what every consumer whose lease expired held."""
-    return int(
-        RELEASE(
-            client,
-            [keys.LEASES, keys.HELD_COUNTS, keys.INSTANCE_QUEUES],
-            [
-                keys.HELD_PREFIX,
-                keys.WAKE_PREFIX,
-                consumer,
-                keys.INSTANCE_QUEUE_PREFIX,
-                keys.QUEUE_PREFIX,
-            ],
-        )
+    command = RELEASE.command(
+        [keys.LEASES, keys.HELD_COUNTS, keys.INSTANCE_QUEUES],
+        [
+            keys.HELD_PREFIX,
+            keys.WAKE_PREFIX,
+            consumer,
+            keys.INSTANCE_QUEUE_PREFIX,
+            keys.QUEUE_PREFIX,
+        ],
     )
+    return int(execute([command])[0])
 
 
 def sweep(client: redis.Redis, lease_s: float) -> int:
@@ -748,7 +824,7 @@ def sweep(client: redis.Redis, lease_s: float) -> int:
     for less than a lease: live workers renew theirs within a report of reconnecting."""
     if float(client.info("server").get("uptime_in_seconds", 0)) < lease_s:
         return 0
-    return release(client)
+    return release(functools.partial(run, client))
 
 
 @dataclass
@@ -782,9 +858,6 @@ def parse_load(reply: Any) -> Load:
     return Load(queued, held)
 
 
-def wait_for_wake(
-    client: redis.Redis, consumer: ConsumerState, own_wake: str, timeout_s: float
-) -> None:
+def wait_command(consumer: ConsumerState, own_wake: str, timeout_s: float) -> tuple[Any, ...]:
     """Block until a producer (or this worker) leaves a wake token, or ``timeout_s``."""
-    wakes = [own_wake, *(wake_key(s.queue) for s in consumer.sources)]
-    client.brpop(wakes, timeout=timeout_s)
+    return ("BRPOP", own_wake, *consumer._wait, timeout_s)

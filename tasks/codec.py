@@ -8,6 +8,7 @@ objects (no pickle, no object dtype). Small JSON inputs use kombu's ``json`` ser
 
 from __future__ import annotations
 
+import math
 import struct
 import sys
 from typing import Any
@@ -24,16 +25,21 @@ CONTENT_TYPE = "application/x-inference-tensor"
 EXT_NDARRAY = 1
 EXT_TORCH = 2
 _HEADER = struct.Struct("<H")
+# The dtypes that may travel, by the wire name of their byte order and kind ("<f4").
+_WIRE_DTYPES = {
+    d.str: d for d in (np.dtype(name) for name in ALLOWED_DTYPES) for d in (d, d.newbyteorder())
+}
 
 
 def _pack_array(code: int, array: np.ndarray) -> msgpack.ExtType:
-    if array.dtype.name not in ALLOWED_DTYPES:
+    dtype = array.dtype
+    if dtype.str not in _WIRE_DTYPES:
         raise SchemaError(
             f"array dtype {array.dtype} cannot travel; use one of {sorted(ALLOWED_DTYPES)}"
         )
     if not array.flags.c_contiguous:
         array = array.copy(order="C")  # (ascontiguousarray would turn a 0-d array into 1-d)
-    header = msgpack.packb([array.dtype.str, list(array.shape)])
+    header = msgpack.packb([dtype.str, list(array.shape)])
     return msgpack.ExtType(code, _HEADER.pack(len(header)) + header + array.tobytes())
 
 
@@ -55,11 +61,13 @@ def _ext_hook(code: int, data: bytes) -> Any:
         raise ValueError(f"unknown msgpack extension {code}")
     (size,) = _HEADER.unpack_from(data)
     dtype_str, shape = msgpack.unpackb(data[_HEADER.size : _HEADER.size + size])
-    dtype = np.dtype(dtype_str)
-    if dtype.name not in ALLOWED_DTYPES:
+    dtype = _WIRE_DTYPES.get(dtype_str) if isinstance(dtype_str, str) else None
+    if dtype is None:
         raise ValueError(f"array dtype {dtype_str!r} is not allowed")
+    if not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
+        raise ValueError(f"array shape {shape!r} is not a list of sizes")
     offset = _HEADER.size + size
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)
     if count * dtype.itemsize != len(data) - offset:
         raise ValueError(f"array of {dtype} {shape} does not match its {len(data) - offset} bytes")
     array = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(tuple(shape))

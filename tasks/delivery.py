@@ -27,10 +27,10 @@ from celery.worker import state as worker_state
 from common import keys
 from common.contracts import ModelKey
 from common.errors import InferenceError, RejectedMessageError
+from common.redis import Outage, ThreadLinks
 from loader.batching import Item, Outcome
 from loader.server import ModelServer
 from tasks import broker
-from tasks.fetcher import Fetcher, Outage
 from tasks.routing import MODEL_TASKS, PREDICT
 
 logger = logging.getLogger(__name__)
@@ -81,23 +81,29 @@ def _revoked(expired: bool) -> TaskRevokedError:
 
 
 class Completer:
-    """Stores a batch's results, sends its task events and acknowledges its messages."""
+    """Answers requests: results stored and announced, messages acknowledged (in the
+    serving loop's round trip), or given back unrun; then task events."""
 
     def __init__(self, app: Any, held: HeldMessages, url: str, hostname: str) -> None:
         self.app = app
         self.held = held
         self.hostname = hostname
-        self.client = redis_client_for(url)
-        self.fetcher: Fetcher | None = None
+        self.links = ThreadLinks(url, on_noscript=broker.load_scripts, socket_timeout=10)
+        self.loop: Any = None  # the worker loop: its consumer, and room to release
         self.events: Callable[[], Any] = lambda: None
         self.expires_s = int(app.backend.expires or 86400)
-        self.outage = Outage(f"worker {hostname} (results)")
-        self._stopping = threading.Event()
+        self.outage = Outage(f"worker {hostname} (give back)")
 
-    def __call__(self, outcomes: list[Outcome]) -> None:
-        deliveries: list[Delivery] = [o.item.ticket for o in outcomes]
+    def commands(self, outcomes: list[Outcome]) -> list[tuple[Any, ...]]:
+        """Store and announce every result, then acknowledge every message: the order a
+        worker killed between the two needs (it redelivers, it never loses)."""
+        if not outcomes:
+            return []
         commands: list[tuple[Any, ...]] = []
-        for outcome, delivery in zip(outcomes, deliveries, strict=True):
+        deliveries: list[Delivery] = []
+        for outcome in outcomes:
+            delivery: Delivery = outcome.item.ticket
+            deliveries.append(delivery)
             if delivery.task_id is None:
                 continue  # nobody to answer: not even a task id could be read
             if outcome.error is None:
@@ -110,56 +116,55 @@ class Completer:
                 delivery.task_id, meta, expires_s=self.expires_s,
                 reply_channel=delivery.reply_channel,
             )  # fmt: skip
-        self.finish(deliveries, commands)
+        done = [(d.tag, d.source.label) for d in deliveries]
+        commands.append(broker.ack_command(self.loop.consumer, done))
+        return commands + self._in_flight_commands(deliveries)
+
+    def answered(self, outcomes: list[Outcome]) -> None:
+        """After the round trip of ``commands``: room for more, and the task events."""
+        self._release([o.item.ticket for o in outcomes])
         self.send_events(outcomes)
 
-    def finish(self, deliveries: list[Delivery], commands: list[tuple[Any, ...]]) -> None:
-        """Run ``commands``, then acknowledge ``deliveries``, in one round trip."""
-        assert self.fetcher is not None
-        done = [(d.tag, d.source.label) for d in deliveries]
-        commands.append(broker.ack_command(self.fetcher.consumer, done))
-        self._settle(deliveries, commands)
-
     def give_back(self, deliveries: list[Delivery]) -> None:
-        """Requests not run: back to the head of their (shared) queues."""
+        """Requests not run: back to the head of their (shared) queues (a round trip of its
+        own, from any thread)."""
         if not deliveries:
             return
-        assert self.fetcher is not None
         tags = [d.tag for d in deliveries]
-        self._settle(deliveries, [broker.give_back_command(self.fetcher.consumer, tags)])
+        commands = [broker.give_back_command(self.loop.consumer, tags)]
+        commands += self._in_flight_commands(deliveries)
+        while True:
+            try:
+                self.links.execute(commands)
+                self.outage.ok()
+                break
+            except redis.RedisError as exc:
+                since = self.outage.since
+                stopping = self.loop is not None and self.loop.stopping
+                if stopping and since is not None and time.monotonic() - since > 10:
+                    # Stopping with Redis gone: they come back when the lease ends.
+                    logger.error("worker %s could not give back requests: %s", self.hostname, exc)
+                    return
+                time.sleep(self.outage.failed(exc))
+        self._release(deliveries)
 
-    def _settle(self, deliveries: list[Delivery], commands: list[tuple[Any, ...]]) -> None:
+    def _in_flight_commands(self, deliveries: list[Delivery]) -> list[tuple[Any, ...]]:
         # Requests a balancer routed here leave this instance's in-flight count.
         routed = Counter(d.source.label for d in deliveries if d.routed_here)
-        for label, n in routed.items():
-            key = ModelKey.parse(label)
-            commands.append(
-                ("HINCRBY", keys.routing_state_key(*key), f"inflight:{self.hostname}", -n)
+        return [
+            (
+                "HINCRBY",
+                keys.routing_state_key(*ModelKey.parse(label)),
+                f"inflight:{self.hostname}",
+                -n,
             )
-        self._until_done(lambda: broker.run(self.client, commands))
-        self._release(deliveries)
+            for label, n in routed.items()
+        ]
 
     def _release(self, deliveries: list[Delivery]) -> None:
         self.held.discard([d.tag for d in deliveries])
-        if self.fetcher is not None:
-            self.fetcher.release(len(deliveries))
-
-    def _until_done(self, action: Callable[[], Any]) -> None:
-        while True:
-            try:
-                action()
-                self.outage.ok()
-                return
-            except redis.RedisError as exc:
-                pause = self.outage.failed(exc)
-                if self._stopping.is_set() and time.monotonic() - (self.outage.since or 0) > 10:
-                    # Stopping with Redis gone: what is held comes back from the lease.
-                    logger.error("worker %s gives up storing results: %s", self.hostname, exc)
-                    return
-                time.sleep(pause)
-
-    def stop(self) -> None:
-        self._stopping.set()
+        if self.loop is not None:
+            self.loop.release(len(deliveries))
 
     def send_events(self, outcomes: list[Outcome]) -> None:
         eventer = self.events()
@@ -181,12 +186,6 @@ class Completer:
                 )
 
 
-def redis_client_for(url: str) -> redis.Redis:
-    from common.redis import redis_client
-
-    return redis_client(url, socket_timeout=10)
-
-
 def admit(items: list[Item]) -> tuple[list[Item], list[Outcome]]:
     """Requests revoked or expired while they waited are answered with TaskRevokedError."""
     kept, refused = [], []
@@ -202,7 +201,7 @@ def admit(items: list[Item]) -> tuple[list[Item], list[Outcome]]:
 
 
 class Receiver:
-    """Fetched messages -> batcher submissions (runs in the fetcher's thread)."""
+    """Fetched messages -> batcher submissions (runs in the serving loop's thread)."""
 
     def __init__(
         self,

@@ -6,7 +6,7 @@ predict.aio("tiny_mlp", inputs)``. Arrays (numpy or torch) travel as raw bytes (
 ``tensor`` codec), lists and numbers as JSON; the result comes back as the same kind of
 value. Publishing is the project's producer (``tasks.producer``), not Celery's: one round
 trip per request, the result on the process's reply channel. In a worker these tasks never
-run their body (the fetcher hands their requests to the model server); the body serves the
+run their body (the serving loop hands their requests to the model server); the body serves the
 in-process path (``predict(...)`` called directly, ``apply()``).
 """
 
@@ -22,6 +22,7 @@ from workers import app
 
 # Options with a meaning for a prediction; the others are refused, not silently dropped.
 SUPPORTED_OPTIONS = frozenset(["task_id", "priority", "expires", "headers", "serializer"])
+_KWARGS = frozenset(["model", "inputs", "version", "key"])
 # Options Celery's own machinery passes along that change nothing here.
 IGNORED_OPTIONS = frozenset(
     ["retry", "retry_policy", "declare", "argsrepr", "kwargsrepr", "add_to_parent", "ignore_result"]
@@ -34,22 +35,23 @@ class PredictTask(Task):
     typing = True
 
     def call_for(self, args: Any, kwargs: Any, options: dict[str, Any]) -> Call:
-        unknown = (
-            {k for k, v in options.items() if v is not None} - SUPPORTED_OPTIONS - IGNORED_OPTIONS
-        )
-        if unknown:
-            raise TypeError(
-                f"{self.name} does not support {', '.join(sorted(unknown))}; "
-                f"options: {', '.join(sorted(SUPPORTED_OPTIONS))}"
-            )
-        args, kwargs = list(args or ()), dict(kwargs or {})
-        model = args[0] if args else kwargs.pop("model", None)
-        inputs = args[1] if len(args) > 1 else kwargs.pop("inputs", None)
-        extra = set(kwargs) - {"version", "key"}
-        if len(args) > 2 or extra:
-            raise TypeError(
-                f"{self.name}(model, inputs, version=None, key=None): got {extra or args[2:]}"
-            )
+        for name, value in options.items():
+            if value is not None and name not in SUPPORTED_OPTIONS and name not in IGNORED_OPTIONS:
+                unknown = sorted(
+                    k for k, v in options.items()
+                    if v is not None and k not in SUPPORTED_OPTIONS | IGNORED_OPTIONS
+                )  # fmt: skip
+                raise TypeError(
+                    f"{self.name} does not support {', '.join(unknown)}; "
+                    f"options: {', '.join(sorted(SUPPORTED_OPTIONS))}"
+                )
+        kwargs = kwargs or {}
+        n = len(args) if args else 0
+        model = args[0] if n else kwargs.get("model")
+        inputs = args[1] if n > 1 else kwargs.get("inputs")
+        if n > 2 or any(k not in _KWARGS for k in kwargs):
+            extra = [k for k in kwargs if k not in _KWARGS] or list(args[2:])
+            raise TypeError(f"{self.name}(model, inputs, version=None, key=None): got {extra}")
         return Call(
             model=model,
             inputs=inputs,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import uuid
 import weakref
 from dataclasses import dataclass
 from datetime import datetime
@@ -97,7 +96,7 @@ class Producer:
             )
         version = yield from self.registry.resolve(call.model, call.version)
         route = yield from self.balancer.route(call.model, version, call.inputs, call.key)
-        task_id = call.task_id or str(uuid.uuid4())
+        task_id = call.task_id or broker.new_task_id()
         message = broker.encode_task_message(
             PREDICT if call.single else PREDICT_BATCH,
             task_id,
@@ -139,11 +138,8 @@ class Producer:
             raise BrokerUnavailableError(
                 f"Redis is unreachable, the request was not queued: {exc}"
             ) from exc
-        result = app.AsyncResult(
-            prepared.task_id, task_name=PREDICT if call.single else PREDICT_BATCH
-        )
-        result.waiter = waiter  # registered as long as the result object lives
-        return result
+        # The waiter stays registered as long as the result object lives.
+        return broker.InferenceResult.sent(prepared.task_id, app, hub, waiter)
 
 
 _producer: Producer | None = None
@@ -163,7 +159,7 @@ def decode_result(raw: bytes) -> Any:
     """A stored result: its value, or its error raised (with its type)."""
     from workers import app
 
-    meta = app.backend.decode_result(raw)
+    meta = broker.decode_result(app.backend, raw)
     if meta["status"] in states.PROPAGATE_STATES:
         raise meta["result"]
     return meta["result"]

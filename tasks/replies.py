@@ -2,9 +2,15 @@
 
 Each producer process subscribes once to its own reply channel; every request it
 publishes names that channel, and the worker publishes the result there right after
-storing it under Celery's key. One reader (a thread for synchronous callers, a task for an
-event loop) hands each result to the call waiting for it, so a request costs the producer
-its publish and a share of one socket read: no SUBSCRIBE, GET and UNSUBSCRIBE per request.
+storing it under Celery's key. Results are handed to the calls waiting for them, so a
+request costs the producer its publish and a share of one socket read: no SUBSCRIBE, GET
+and UNSUBSCRIBE per request.
+
+Synchronous callers read the channel themselves, one at a time (leader and followers):
+the thread that waits and finds nobody reading becomes the reader, hands every result it
+reads to its waiter, and when its own has come, passes the reading on to a thread still
+waiting. No thread is woken to carry a result across, which on a busy machine costs more
+than the read itself. An event loop has one reading task (``AsyncReplies``).
 
 A lost connection is routine: the reader reconnects with back-off, subscribes again and
 then reads the stored results of every call still waiting, so nothing published while it
@@ -25,6 +31,7 @@ import threading
 import time
 import uuid
 import weakref
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
@@ -40,13 +47,17 @@ CONNECT_TIMEOUT_S = 10.0
 
 
 class _Waiter:
-    __slots__ = ("__weakref__", "generation", "lock", "raw")
+    """One call's result. ``lock`` is held while nothing has arrived; it is released (by
+    the reader, under the hub's lock) when the result comes or the reading is handed over."""
+
+    __slots__ = ("__weakref__", "generation", "lock", "raw", "sleeping")
 
     def __init__(self, generation: int) -> None:
         self.lock = threading.Lock()
         self.lock.acquire()
         self.raw: bytes | None = None
         self.generation = generation
+        self.sleeping = False
 
 
 def _outage_log(what: str, since: float | None, exc: BaseException) -> float:
@@ -57,35 +68,42 @@ def _outage_log(what: str, since: float | None, exc: BaseException) -> float:
 
 
 class ReplyHub:
-    """A process's reply channel for synchronous callers: one reader thread."""
+    """A process's reply channel for synchronous callers."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.channel = keys.REPLY_PREFIX + uuid.uuid4().hex
         self.client = redis_client(url, socket_timeout=10)
         self._waiters: weakref.WeakValueDictionary[str, _Waiter] = weakref.WeakValueDictionary()
-        self._lock = threading.Lock()
-        self._ready = threading.Event()
-        self._started = False
+        self._lock = threading.Lock()  # waiter states, and who reads
+        self._reading = False
+        self._pubsub: Any = None
+        self._down_since: float | None = None
         self.generation = 0
         self._run_id: str | None = None
 
     # -- callers ----------------------------------------------------------------------------
     def start(self) -> None:
-        """Subscribe before the first request goes out. Once subscribed, a later outage
-        does not hold callers up: the reader recovers what was published meanwhile."""
+        """Subscribe before the first request goes out. Once subscribed, an outage does not
+        hold callers up: the reader recovers what was published meanwhile."""
         if self._run_id is not None:
             return
-        with self._lock:
-            if not self._started:
-                thread = threading.Thread(target=self._run, name="replies", daemon=True)
-                thread.start()
-                self._started = True
-        if not self._ready.wait(CONNECT_TIMEOUT_S):
-            raise BrokerUnavailableError(
-                f"no reply channel: Redis at {redis_url_for_logs(self.url)} did not answer "
-                f"within {CONNECT_TIMEOUT_S:g} s"
-            )
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        while self._run_id is None:
+            if self._lead():
+                try:
+                    self._connect()
+                except redis.RedisError as exc:
+                    if time.monotonic() >= deadline:
+                        raise BrokerUnavailableError(
+                            f"no reply channel: Redis at {redis_url_for_logs(self.url)} did "
+                            f"not answer within {CONNECT_TIMEOUT_S:g} s ({exc})"
+                        ) from exc
+                    time.sleep(0.1)
+                finally:
+                    self._end_reading()
+            else:
+                time.sleep(0.01)
 
     def expect(self, task_id: str) -> _Waiter:
         """Register a call before its request is published; keep the waiter while waiting."""
@@ -104,17 +122,38 @@ class ReplyHub:
         waiter = self._waiters.get(task_id)
         if waiter is None:
             return self._poll(task_id, timeout)
-        if waiter.raw is None:
-            got = waiter.lock.acquire(timeout=-1 if timeout is None else max(timeout, 0))
-            if not got and waiter.raw is None:
-                stored = self._stored(task_id)
-                if stored is not None:
-                    return stored
-                raise broker.not_answered(
-                    task_id, timeout, lost=waiter.generation != self.generation
-                )
-        assert waiter.raw is not None
-        return waiter.raw
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0)
+        while waiter.raw is None:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            with self._lock:
+                if waiter.raw is not None:
+                    break
+                leading = not self._reading
+                if leading:
+                    self._reading = True
+                else:
+                    waiter.sleeping = True
+            if leading:
+                try:
+                    self._read_until(waiter, deadline)
+                finally:
+                    self._end_reading()
+                continue
+            # Acquired: released by a result or a hand-over, and held again for next time.
+            if not waiter.lock.acquire(timeout=-1 if left is None else left):
+                with self._lock:
+                    if waiter.sleeping:
+                        waiter.sleeping = False  # nobody released it: still held
+                    else:
+                        waiter.lock.acquire(blocking=False)  # released just now: hold it
+        if waiter.raw is not None:
+            return waiter.raw
+        stored = self._stored(task_id)
+        if stored is not None:
+            return stored
+        raise broker.not_answered(task_id, timeout, lost=waiter.generation != self.generation)
 
     def _stored(self, task_id: str) -> bytes | None:
         with contextlib.suppress(redis.RedisError):
@@ -135,15 +174,86 @@ class ReplyHub:
             time.sleep(pause)
             delay = min(delay * 1.5, 0.2)
 
-    # -- the reader -------------------------------------------------------------------------
+    # -- reading (one thread at a time) -----------------------------------------------------
+    def _lead(self) -> bool:
+        with self._lock:
+            if self._reading:
+                return False
+            self._reading = True
+            return True
+
+    def _end_reading(self) -> None:
+        """Stop reading; a thread still waiting for its result reads next."""
+        with self._lock:
+            self._reading = False
+            for waiter in list(self._waiters.values()):
+                if waiter.sleeping and waiter.raw is None:
+                    waiter.sleeping = False
+                    waiter.lock.release()
+                    return
+
     def _deliver(self, data: bytes) -> None:
         self._resolve(*broker.split_reply(data))
 
     def _resolve(self, task_id: str, meta: bytes) -> None:
-        waiter = self._waiters.get(task_id)
-        if waiter is not None and waiter.raw is None:
-            waiter.raw = meta
-            waiter.lock.release()
+        with self._lock:
+            waiter = self._waiters.get(task_id)
+            if waiter is not None and waiter.raw is None:
+                waiter.raw = meta
+                if waiter.sleeping:
+                    waiter.sleeping = False
+                    waiter.lock.release()
+
+    def _read_until(self, waiter: _Waiter, deadline: float | None) -> None:
+        while waiter.raw is None:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return
+            try:
+                if self._pubsub is None:
+                    self._connect()
+                    continue
+                message = self._pubsub.get_message(timeout=min(left or 5.0, 5.0))
+                while message is not None:
+                    if message["type"] == "message":
+                        self._deliver(message["data"])
+                    message = self._pubsub.get_message(timeout=0)
+            except redis.RedisError as exc:
+                self._drop()
+                self._down_since = _outage_log("reply channel", self._down_since, exc)
+                pause = min(0.1 * 2 ** min(time.monotonic() - self._down_since, 4), 2.0)
+                time.sleep(pause if left is None else min(pause, max(left, 0)))
+
+    def _connect(self) -> None:
+        pubsub = self.client.pubsub()
+        try:
+            pubsub.subscribe(self.channel)
+            while (m := pubsub.get_message(timeout=CONNECT_TIMEOUT_S)) is None or m[
+                "type"
+            ] != "subscribe":
+                if m is None:
+                    raise redis.ConnectionError("no subscription confirmation")
+            run_id = str(self.client.info("server")["run_id"])
+        except BaseException:
+            with contextlib.suppress(Exception):
+                pubsub.close()
+            raise
+        if self._run_id is not None and run_id != self._run_id:
+            self.generation += 1
+        self._run_id, self._pubsub = run_id, pubsub
+        self._recover()
+        if self._down_since is not None:
+            logger.warning(
+                "reply channel: Redis reachable again after %.1f s",
+                time.monotonic() - self._down_since,
+            )
+            self._down_since = None
+
+    def _drop(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                pubsub.close()
 
     def _recover(self) -> None:
         """Results stored while the subscription was down."""
@@ -156,41 +266,6 @@ class ReplyHub:
                 if raw is not None:
                     self._resolve(task_id, keys.raw_bytes(raw))
 
-    def _run(self) -> None:
-        down_since: float | None = None
-        while True:
-            pubsub = self.client.pubsub()
-            try:
-                pubsub.subscribe(self.channel)
-                while (m := pubsub.get_message(timeout=CONNECT_TIMEOUT_S)) is None or m[
-                    "type"
-                ] != "subscribe":
-                    if m is None:
-                        raise redis.ConnectionError("no subscription confirmation")
-                run_id = str(self.client.info("server")["run_id"])
-                if self._run_id is not None and run_id != self._run_id:
-                    self.generation += 1
-                self._run_id = run_id
-                self._ready.set()
-                self._recover()
-                if down_since is not None:
-                    logger.warning(
-                        "reply channel: Redis reachable again after %.1f s",
-                        time.monotonic() - down_since,
-                    )
-                    down_since = None
-                while True:
-                    message = pubsub.get_message(timeout=5.0)
-                    if message is not None and message["type"] == "message":
-                        self._deliver(message["data"])
-            except Exception as exc:  # a lost connection, a restarting Redis
-                self._ready.clear()
-                down_since = _outage_log("reply channel", down_since, exc)
-                time.sleep(min(0.1 * 2 ** min(time.monotonic() - down_since, 4), 2.0))
-            finally:
-                with contextlib.suppress(Exception):
-                    pubsub.close()
-
 
 def redis_url_for_logs(url: str) -> str:
     """The URL without its password."""
@@ -201,24 +276,23 @@ def redis_url_for_logs(url: str) -> str:
 
 
 _hubs: dict[str, ReplyHub] = {}
-_hubs_pid = os.getpid()
 _hubs_lock = threading.Lock()
+# A forked child subscribes on its own: the parent's reader thread did not come along.
+os.register_at_fork(after_in_child=_hubs.clear)
 
 
 def replies_for(url: str | None = None) -> ReplyHub:
     """This process's reply hub for the result backend at ``url``."""
-    global _hubs_pid
     if url is None:
         from common.settings import serving_settings
 
         url = serving_settings().backend_url
-    with _hubs_lock:
-        if _hubs_pid != os.getpid():  # a forked child subscribes on its own
-            _hubs.clear()
-            _hubs_pid = os.getpid()
-        hub = _hubs.get(url)
-        if hub is None:
-            hub = _hubs[url] = ReplyHub(url)
+    hub = _hubs.get(url)
+    if hub is None:
+        with _hubs_lock:
+            hub = _hubs.get(url)
+            if hub is None:
+                hub = _hubs[url] = ReplyHub(url)
     return hub
 
 

@@ -1,11 +1,12 @@
 """The worker's model-serving bootstep, its report to Redis and its remote-control commands.
 
-``celery -A workers worker`` adds the ``ModelServing`` step: the model server, the fetcher
-that reads the model queues (``tasks.fetcher``; Celery's own consumer keeps remote control,
-events and any other queue), a report to Redis about every second (which also renews the
-worker's lease on what it holds), and the model repository published to the registry.
-``ServingConsumer`` sends ``add_consumer``/``cancel_consumer`` of model queues to the
-fetcher, so the scaler retargets a worker without restarting it.
+``celery -A workers worker`` adds the ``ModelServing`` step: the model server, the serving
+loop that reads the model queues, runs batches and answers (``tasks.worker_loop``; Celery's
+own consumer keeps remote control, events and any other queue), a report to Redis about
+every second (which also renews the worker's lease on what it holds), and the model
+repository published to the registry. ``ServingConsumer`` sends ``add_consumer`` and
+``cancel_consumer`` of model queues to the loop, so the scaler retargets a worker without
+restarting it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from celery.worker.control import control_command, inspect_command
 from common import keys
 from common.contracts import ModelKey, report_ttl_s
 from common.errors import InferenceError
-from common.redis import redis_client
+from common.redis import Outage, redis_client
 from common.settings import (
     ServingSettings,
     WorkerSettings,
@@ -41,7 +42,7 @@ from monitoring.metrics import WORKER, MetricsRecorder
 from monitoring.resources import ProcessSampler, gpu_reading
 from tasks import broker
 from tasks.delivery import Completer, HeldMessages, Receiver, admit
-from tasks.fetcher import Fetcher, Outage
+from tasks.worker_loop import WorkerLoop
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class Reporter:
         self,
         worker: Any,
         server: ModelServer,
-        fetcher: Fetcher,
+        loop: WorkerLoop,
         serving: ServingSettings,
         settings: WorkerSettings,
         health: HealthChecker | None = None,
@@ -61,7 +62,7 @@ class Reporter:
         self.health = health
         self.worker = worker
         self.server = server
-        self.fetcher = fetcher
+        self.loop = loop
         self.lease_s = serving.visibility_timeout_s
         self.interval_s = settings.report_interval_s
         self.ttl_s = report_ttl_s(settings.report_interval_s)
@@ -152,12 +153,12 @@ class Reporter:
             "time": now,
             "started_at": self.started_at,
             "device": str(device),
-            "queues": self.fetcher.queues(),
+            "queues": self.loop.queues(),
             "models": models["loaded"],
             "loading": models["loading"],
             "failed_models": models["failed"],
             "loaded_bytes": server.cache.loaded_bytes(),
-            "held": self.fetcher.held,
+            "held": self.loop.held,
             "busy": {str(k): n for k, n in server.batcher.busy().items()},
             "capacity_bytes": server.cache.cache_size_bytes,
             "max_models": server.cache.max_loaded_models,
@@ -236,20 +237,20 @@ class Reporter:
 
 
 class ModelServing(bootsteps.StartStopStep):
-    """Worker bootstep: the model server, its fetcher, completer and reporter."""
+    """Worker bootstep: the model server, its serving loop and its reporter."""
 
     requires = ("celery.worker.components:Pool",)
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
         worker.model_server = None
-        worker.model_fetcher = None
+        worker.model_loop = None
 
     def create(self, worker: Any) -> ModelServing:
         serving, settings = serving_settings(), worker_settings()
         held = HeldMessages()
         completer = Completer(worker.app, held, serving.redis_url, worker.hostname)
-        server = ModelServer(serving, settings, complete=completer, admit=admit)
+        server = ModelServer(serving, settings, admit=admit)
         health = HealthChecker(
             server.cache,
             interval_s=settings.health_check_interval_s,
@@ -262,33 +263,35 @@ class ModelServing(bootsteps.StartStopStep):
             max_body_bytes=serving.max_payload_bytes,
             unhealthy=lambda: health.unhealthy_now,
         )  # fmt: skip
-        fetcher = Fetcher(
+        loop = WorkerLoop(
             serving.redis_url,
             worker.hostname,
+            batcher=server.batcher,
+            receiver=receiver,
+            completer=completer,
             prefetch=settings.prefetch_count,
             lease_s=serving.visibility_timeout_s,
             sweep_interval_s=serving.unacked_restore_interval_s,
-            deliver=receiver,
             held_tags=held.tags,
             paused=lambda: health.unhealthy_now,
         )
-        completer.fetcher = fetcher
+        completer.loop = loop
         completer.events = lambda: getattr(worker.consumer, "event_dispatcher", None)
         # Requests waiting on a model that turns unhealthy go back to their queues; the
-        # fetcher stops reading its queues (health.unhealthy_now) until it is retried.
+        # loop stops reading its shared queue (health.unhealthy_now) until it is retried.
         health.on_unhealthy = lambda key: completer.give_back(
             [item.ticket for item in server.batcher.take(key)]
         )
         worker.model_server = server
-        worker.model_fetcher = fetcher
+        worker.model_loop = loop
         worker.model_health = health
-        self.server, self.health, self.fetcher, self.completer = server, health, fetcher, completer
-        self.reporter = Reporter(worker, server, fetcher, serving, settings, health)
-        # Model queues are read by the fetcher, never by Celery's consumer (which would take
-        # messages out of the reliable path): -Q's model queues move over.
+        self.server, self.health, self.loop, self.completer = server, health, loop, completer
+        self.reporter = Reporter(worker, server, loop, serving, settings, health)
+        # Model queues are read by the serving loop, never by Celery's consumer (which would
+        # take messages out of the reliable path): -Q's model queues move over.
         selected = [q for q in worker.app.amqp.queues.consume_from if keys.queue_label(q)]
         for queue in selected:
-            fetcher.add(queue)
+            loop.add(queue)
         if selected:
             worker.app.amqp.queues.deselect(selected)
         self.preload = settings.models
@@ -296,11 +299,11 @@ class ModelServing(bootsteps.StartStopStep):
             name, _, version = spec.partition(":")
             versions = [version] if version else server.repository.versions(name)
             for v in versions:
-                fetcher.add(keys.queue_name(name, v))
+                loop.add(keys.queue_name(name, v))
         return self
 
     def start(self, worker: Any) -> None:
-        self.server.start()
+        self.server.start(threads=False)
         try:
             self.reporter.registry.publish_if_changed(self.reporter.client, exists=False)
         except Exception as exc:
@@ -313,12 +316,12 @@ class ModelServing(bootsteps.StartStopStep):
                 logger.error("worker %s cannot preload %s: %s", worker.hostname, spec, exc)
         self.reporter.start()
         self.health.start()
-        self.fetcher.start()
+        self.loop.start()
 
     def close(self, worker: Any) -> None:
-        # Warm shutdown calls close() on every step before any stops: stop fetching, finish
-        # the running batch, give the waiting ones back to the head of their queues.
-        self.fetcher.stop()
+        # Warm shutdown calls close() on every step before any stops: stop fetching, answer
+        # the batch under way, give the waiting ones back to the head of their queues.
+        self.loop.stop()
         waiting = self.server.batcher.drain()
         if waiting:
             logger.info(
@@ -329,25 +332,24 @@ class ModelServing(bootsteps.StartStopStep):
             self.completer.give_back([item.ticket for item in waiting])
 
     def stop(self, worker: Any) -> None:
-        self.completer.stop()
         self.health.stop()
         self.reporter.stop()
         self.server.stop()
 
 
 class ServingConsumer(Consumer):
-    """Celery's consumer, with model queues added and cancelled in the fetcher."""
+    """Celery's consumer, with model queues added and cancelled in the serving loop."""
 
     def add_task_queue(self, queue: str, *args: Any, **options: Any) -> None:
-        fetcher: Fetcher | None = getattr(self.controller, "model_fetcher", None)
-        if fetcher is not None and fetcher.add(queue):
+        loop: WorkerLoop | None = getattr(self.controller, "model_loop", None)
+        if loop is not None and loop.add(queue):
             logger.info("Started consuming from %s", queue)
             return
         super().add_task_queue(queue, *args, **options)
 
     def cancel_task_queue(self, queue: str) -> None:
-        fetcher: Fetcher | None = getattr(self.controller, "model_fetcher", None)
-        if fetcher is not None and fetcher.remove(queue):
+        loop: WorkerLoop | None = getattr(self.controller, "model_loop", None)
+        if loop is not None and loop.remove(queue):
             logger.info("Canceling queue %s", queue)
             return
         super().cancel_task_queue(queue)
@@ -355,7 +357,7 @@ class ServingConsumer(Consumer):
 
 @inspect_command()
 def active_queues(state: Any) -> list[dict[str, Any]]:
-    """The queues this worker consumes: Celery's, and the model queues of its fetcher."""
+    """The queues this worker consumes: Celery's, and the model queues of its loop."""
     from tasks.routing import model_queue_named
 
     consumer = state.consumer
@@ -363,9 +365,9 @@ def active_queues(state: Any) -> list[dict[str, Any]]:
         dict(q.as_dict(recurse=True))
         for q in (consumer.task_consumer.queues if consumer.task_consumer else [])
     ]
-    fetcher: Fetcher | None = getattr(consumer.controller, "model_fetcher", None)
-    if fetcher is not None:
-        queues += [dict(model_queue_named(q).as_dict(recurse=True)) for q in fetcher.queues()]
+    loop: WorkerLoop | None = getattr(consumer.controller, "model_loop", None)
+    if loop is not None:
+        queues += [dict(model_queue_named(q).as_dict(recurse=True)) for q in loop.queues()]
     return queues
 
 
