@@ -102,21 +102,29 @@ class Link:
     pass, without a pipeline object per call (a third of the CPU of redis-py's pipeline).
 
     A connection the server closed while idle (a restarted Redis) is replaced before
-    sending. A connection lost with commands under way raises: whether they ran is not
-    known, and only the caller knows whether sending them again is safe. ``on_noscript``
-    loads the scripts a restarted Redis forgot, and the commands are sent again.
+    sending. A connection that breaks with commands under way raises, unless
+    ``resend_once``: then, if it was an old connection the server closed, the commands are
+    sent once more on a new one (a restarted server never ran them; for a producer a rare
+    duplicate beats a failed call). ``on_noscript`` loads the scripts a restarted Redis
+    forgot, and the commands are sent again.
     """
 
     def __init__(
-        self, pool: redis.ConnectionPool, on_noscript: Callable[[redis.Redis], None] | None = None
+        self,
+        pool: redis.ConnectionPool,
+        on_noscript: Callable[[redis.Redis], None] | None = None,
+        *,
+        resend_once: bool = False,
     ) -> None:
         self.pool = pool
         self.on_noscript = on_noscript
+        self.resend_once = resend_once
         self._conn: Any = None
         self._used = 0.0
 
     def execute(self, commands: Sequence[Command]) -> list[Any]:
         for attempt in (1, 2):
+            reused = self._conn is not None
             conn = self._connection()
             try:
                 conn.send_packed_command(pack(conn, commands))
@@ -125,7 +133,11 @@ class Link:
                 if attempt == 2 or self.on_noscript is None:
                     raise
                 self.on_noscript(redis.Redis(connection_pool=self.pool))
-            except (redis.ConnectionError, redis.TimeoutError):
+            except redis.ConnectionError:
+                self.close()
+                if attempt == 2 or not (self.resend_once and reused):
+                    raise
+            except redis.TimeoutError:
                 self.close()
                 raise
         raise AssertionError("unreachable")
@@ -157,18 +169,25 @@ class ThreadLinks:
     """A ``Link`` per thread, all on one pool."""
 
     def __init__(
-        self, url: str, on_noscript: Callable[[redis.Redis], None] | None = None, **kwargs: Any
+        self,
+        url: str,
+        on_noscript: Callable[[redis.Redis], None] | None = None,
+        *,
+        resend_once: bool = False,
+        **kwargs: Any,
     ) -> None:
         options: dict[str, Any] = {"socket_connect_timeout": 5, "socket_timeout": 30}
         options.update(kwargs)
         self.pool = redis.ConnectionPool.from_url(url, **options)
         self.on_noscript = on_noscript
+        self.resend_once = resend_once
         self._local = threading.local()
 
     def get(self) -> Link:
-        link = getattr(self._local, "link", None)
+        link: Link | None = getattr(self._local, "link", None)
         if link is None:
-            link = self._local.link = Link(self.pool, self.on_noscript)
+            link = Link(self.pool, self.on_noscript, resend_once=self.resend_once)
+            self._local.link = link
         return link
 
     def execute(self, commands: Sequence[Command]) -> list[Any]:
@@ -374,6 +393,15 @@ class EmbeddedRedis:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+    def restart(self, sig: signal.Signals = signal.SIGTERM, *, timeout_s: float = 10.0) -> None:
+        """Stop with ``sig`` (SIGTERM: a clean stop; SIGKILL: a crash), then start again on
+        the same port and directory (what persistence kept is loaded)."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(sig)
+            proc.wait(timeout_s)
+        self.start(timeout_s=timeout_s)
 
     def kill(self) -> None:
         """Stop at once, as a crash would."""

@@ -494,11 +494,8 @@ if seq > 0 then
 end
 for w = 1, #KEYS - 3 - nlists do
   local wake = KEYS[3 + nlists + w]
-  if waiting[w] then
-    if redis.call('LLEN', wake) == 0 then redis.call('LPUSH', wake, '1') end
-  else
-    redis.call('DEL', wake)
-  end
+  redis.call('DEL', wake)
+  if waiting[w] then redis.call('LPUSH', wake, '1') end
 end
 return out
 """
@@ -585,10 +582,6 @@ else
 end
 local moved = 0
 for _, consumer in ipairs(consumers) do
-  local held = ARGV[1] .. consumer
-  moved = moved + give_back(held, KEYS[2], ARGV[2], redis.call('HKEYS', held))
-  redis.call('DEL', held)
-  redis.call('ZREM', KEYS[1], consumer)
   for _, queue in ipairs(redis.call('SMEMBERS', KEYS[3])) do
     local at = string.find(queue, '@', #ARGV[4] + 1, true)
     if at and string.sub(queue, at + 1) == consumer then
@@ -597,6 +590,11 @@ for _, consumer in ipairs(consumers) do
       redis.call('SREM', KEYS[3], queue)
     end
   end
+  -- What it held was taken before what still waited for it: served first.
+  local held = ARGV[1] .. consumer
+  moved = moved + give_back(held, KEYS[2], ARGV[2], redis.call('HKEYS', held))
+  redis.call('DEL', held)
+  redis.call('ZREM', KEYS[1], consumer)
 end
 return moved
 """

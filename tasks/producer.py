@@ -77,7 +77,8 @@ class Producer:
         self.registry = RegistryView(ttl_s=self.settings.registry_cache_s)
         self.balancer = Balancer(ttl_s=1.0)
         self.served = ServedView(ttl_s=max(self.settings.registry_cache_s, 0.5))
-        self.links = ThreadLinks(self.settings.redis_url)
+        # A request sent on a connection a restarted Redis closed is sent again.
+        self.links = ThreadLinks(self.settings.redis_url, resend_once=True)
         self._prioritised: set[str] = set()
 
     def run(self, reads: Reads[T]) -> T:
