@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -185,3 +186,46 @@ def test_popularity_decays_and_grows(client: redis.Redis) -> None:
     for _ in range(12):
         store.add_popularity({}, decay=0.5)
     assert client.hgetall("inference:popularity") == {}  # decayed below 0.01: forgotten
+
+
+def test_the_load_is_exact_while_a_worker_holds_requests(
+    start_worker: Any, test_repo: Path, tmp_path: Path, client: redis.Redis
+) -> None:
+    """Queued (shared and instance queues) plus held by workers, read in one step: exactly
+    the requests not yet answered, with the worker frozen at any point of its work."""
+    import os
+    import signal
+
+    import numpy as np
+
+    from common import keys
+    from tasks import broker, predict
+    from tests.helpers import write_slow_recorder
+
+    queue = write_slow_recorder(test_repo, tmp_path / "slow.log", delay_s=0.2)
+    worker = start_worker(
+        "holder", queues=[queue], repo=test_repo,
+        env={"WORKER_PREFETCH_COUNT": "8", "WORKER_MODELS": "slow:v1"},
+    )  # fmt: skip
+    results = [predict.delay("slow", np.full(4, i, np.float32)) for i in range(1, 41)]
+    key = ModelKey("slow", "v1")
+    for _ in range(3):
+        wait_for(lambda: client.hget(keys.HELD_COUNTS, "slow/v1"), what="requests held")
+        os.kill(worker.pid, signal.SIGSTOP)
+        try:
+            # A request a producer routed to this instance while it was frozen counts too.
+            instance = keys.instance_queue("slow", "v1", worker.hostname)
+            broker.run(client, broker.publish_commands(instance, 0, b"x"))
+            snapshot = ScalerStore(client).read(time.time()).snapshot
+            answered = sum(1 for r in results if client.exists(broker.result_key(r.id)))
+            assert snapshot.load(key) == 40 - answered + 1
+            assert 0 < snapshot.held[key] <= 8
+            client.delete(instance)
+        finally:
+            os.kill(worker.pid, signal.SIGCONT)
+
+        def progressed(before: int = answered) -> bool:
+            return sum(1 for r in results if client.exists(broker.result_key(r.id))) > before
+
+        wait_for(progressed, what="another batch answered before the next freeze")
+    assert [float(r.get(timeout=60)[0]) for r in results] == [2.0 * i for i in range(1, 41)]
