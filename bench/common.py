@@ -103,17 +103,29 @@ def report(env: dict[str, str], hostname: str) -> dict[str, Any]:
 
 
 def run_load(env: dict[str, str], *args: str) -> dict[str, Any]:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.load", *args],
-        cwd=PROJECT_ROOT,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"load generator failed: {done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    return run_loads(env, 1, *args)[0]
+
+
+def run_loads(env: dict[str, str], processes: int, *args: str) -> list[dict[str, Any]]:
+    """``processes`` load generators at once, each with ``args``; their figures."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "bench.load", *args],
+            cwd=PROJECT_ROOT,
+            env={**os.environ, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(processes)
+    ]
+    figures = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"load generator failed: {err[-3000:]}")
+        figures.append(json.loads(out.strip().splitlines()[-1]))
+    return figures
 
 
 def write_results(rows: list[Row], extra: dict[str, Any] | None = None) -> None:

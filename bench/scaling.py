@@ -34,6 +34,12 @@ def _load_time(client: redis.Redis, name: str) -> float:
     return max(wait_for(reported, timeout_s=10))
 
 
+def _serving(client: redis.Redis, name: str) -> list[dict[str, Any]]:
+    """Reports of the workers that consume ``name``'s queue."""
+    queue = keys.queue_name(name, "v1")
+    return [r for r in _reports(client) if queue in r["queues"]]
+
+
 async def _cold_starts(client: redis.Redis) -> list[Row]:
     from scaler import Autoscaler, AutoscalerConfig, ColdStartStrategy, ZeroScalingConfig
     from tasks import predict
@@ -42,39 +48,67 @@ async def _cold_starts(client: redis.Redis) -> list[Row]:
     x = np.zeros((3, 64, 64), np.float32)
     for strategy in (ColdStartStrategy.LAZY, ColdStartStrategy.HYBRID):
         config = AutoscalerConfig(
-            tick_interval_s=0.25, max_workers=3, scale_down_stabilization_s=1.0,
-            zero_scaling=ZeroScalingConfig(scale_to_zero_delay=30.0, cold_start_strategy=strategy,
+            tick_interval_s=1.0, max_workers=3, scale_down_stabilization_s=1.0,
+            zero_scaling=ZeroScalingConfig(scale_to_zero_delay=300.0, cold_start_strategy=strategy,
                                            preload_popular_models=False),
         )  # fmt: skip
         autoscaler = Autoscaler(config)
         await autoscaler.start()
+        overheads: list[float] = []
         try:
-            if strategy is ColdStartStrategy.HYBRID:
-                # Something served, so the standby exists: wait until it reports.
-                await autoscaler.predict("linear", [1.0] * 8)
-                await asyncio.to_thread(wait_for, lambda: len(_reports(client)) >= 2)
-            started = time.monotonic()
-            await asyncio.to_thread(lambda: predict.delay("small_cnn", x).get(timeout=120))
-            cold = time.monotonic() - started
-            load = await asyncio.to_thread(_load_time, client, "small_cnn")
-            label = (
-                "with the warm standby"
-                if strategy is ColdStartStrategy.HYBRID
-                else "no worker running"
-            )
+            for _ in range(1 if strategy is ColdStartStrategy.LAZY else 5):
+                if strategy is ColdStartStrategy.HYBRID:
+                    # Something served, so the standby exists; small_cnn at zero, nowhere
+                    # loaded; the standby reporting with no queue.
+                    await autoscaler.predict("linear", [1.0] * 8)
+                    await asyncio.to_thread(
+                        wait_for,
+                        lambda: (
+                            not _serving(client, "small_cnn")
+                            and not any(
+                                m["name"] == "small_cnn"
+                                for r in _reports(client)
+                                for m in r["models"]
+                            )
+                            and any(not r["queues"] for r in _reports(client))
+                        ),
+                    )
+                started = time.monotonic()
+                await asyncio.to_thread(lambda: predict.delay("small_cnn", x).get(timeout=120))
+                cold = time.monotonic() - started
+                load = await asyncio.to_thread(_load_time, client, "small_cnn")
+                overheads.append(cold - load)
+                # Back to zero at once (a later request brings it back: the next cold start).
+                await autoscaler.unload_model("small_cnn")
+        finally:
+            await autoscaler.stop(stop_workers=True)
+        client.flushall()
+        if strategy is ColdStartStrategy.LAZY:
             rows.append(
                 Row.of(
-                    f"cold start small_cnn, {label}: first request to result",
-                    cold * 1000,
+                    "cold start small_cnn, no worker running: first request to result",
+                    (overheads[0] + load) * 1000,
                     "ms",
                     load * 1000,
                     "the model's own load time in the worker",
                     higher_is_better=False,
                 )
             )
-        finally:
-            await autoscaler.stop(stop_workers=True)
-        client.flushall()
+        else:
+            for label, value in (
+                ("median", statistics.median(overheads)),
+                ("max", max(overheads)),
+            ):
+                rows.append(
+                    Row.of(
+                        f"cold start small_cnn, warm standby: beyond the load time ({label} of 5)",
+                        value * 1000,
+                        "ms",
+                        100.0,
+                        "the 100 ms aim",
+                        higher_is_better=False,
+                    )
+                )
     return rows
 
 
@@ -155,6 +189,7 @@ def _tick_time(client: redis.Redis) -> list[Row]:
         queues = [keys.queue_name(f"m{i}", "v1") for i in range(w * 25, (w + 1) * 25)]
         pipe.set(keys.worker_report_key(name), json.dumps({
             "hostname": name, "queues": queues, "models": [], "busy": {}, "max_models": 30,
+            "time": time.time() + 3600,
         }), ex=60)  # fmt: skip
         pipe.zadd(keys.WORKERS, {name: time.time() + 3600})
     pipe.execute()

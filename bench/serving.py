@@ -1,17 +1,21 @@
 """Serving benchmark: the tiny MLP and the small CNN on one worker process (one torch
-thread), the load generator in another process. Baselines in the same run: the model
-called in-process (one thread) at batch 1 and at the served batch size, and the plain
-Celery task a user writes first."""
+thread); load generators in processes of their own. Baselines in the same run: the
+worker's own drain rate (a pre-filled queue: the limit of this machine), the model called
+in-process (one thread), and the plain Celery task a user writes first."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import redis
 import torch
 
-from bench.common import QUICK, Row, report, run_load, start_worker
+from bench.common import QUICK, Row, report, run_load, run_loads, start_worker, wait_for
 from common import keys
 from loader.examples import write_examples
 from loader.formats import load_module
@@ -40,11 +44,43 @@ def in_process_throughput(repo: Path, model: str, batch: int, seconds: float) ->
     return n / (time.perf_counter() - started)
 
 
+def drain_rate(env: dict[str, str], worker: WorkerProcess, model: str, count: int) -> float:
+    """Requests per second of the worker alone on a queue filled while it was frozen."""
+    from tasks import broker
+
+    client = redis.Redis.from_url(env["REDIS_URL"])
+    queue = keys.queue_name(model, "v1")
+    x = np.zeros(SHAPES[model], np.float32)
+    os.kill(worker.pid, signal.SIGSTOP)
+    try:
+        commands: list[tuple[Any, ...]] = []
+        for _ in range(count):
+            message = broker.encode_task_message(
+                "tasks.predict", broker.new_task_id(), (model, x), {"version": "v1"},
+                queue=queue, serializer="tensor", reply_channel="bench:drain",
+            )  # fmt: skip
+            commands += broker.publish_commands(queue, 0, message)
+            if len(commands) >= 500:
+                broker.run(client, commands)
+                commands = []
+        broker.run(client, commands)
+    finally:
+        started = time.perf_counter()
+        os.kill(worker.pid, signal.SIGCONT)
+
+    def drained() -> bool:
+        load = broker.parse_load(broker.run(client, [broker.load_command()])[0])
+        return not load.queued and not load.held
+
+    wait_for(drained, timeout_s=300)
+    return count / (time.perf_counter() - started)
+
+
 def run(env: dict[str, str], repo: Path, logs: Path) -> list[Row]:
     write_examples(repo)
     seconds = 4.0 if QUICK else 10.0
     count = 300 if QUICK else 1000
-    rows: list[Row] = []
+    drains = 1 if QUICK else 2
     served: dict[str, dict[str, float]] = {}
 
     worker = start_worker(env, [keys.queue_name(m, "v1") for m in SHAPES], logs)
@@ -61,6 +97,18 @@ def run(env: dict[str, str], repo: Path, logs: Path) -> list[Row]:
                 "p99": lat["p99_ms"],
                 "batch": stats["rows"] / max(1, stats["batches"]) if stats else 1.0,
             }
+        # The worker alone, then four producer processes and the asyncio client against it.
+        drain = max(
+            drain_rate(env, worker, "tiny_mlp", 10_000 if QUICK else 20_000) for _ in range(drains)
+        )
+        start_at = time.time() + 10
+        four = run_loads(
+            env, 4, "--model", "tiny_mlp", "--outstanding", "64", "--seconds", str(seconds),
+            "--start-at", str(start_at),
+        )  # fmt: skip
+        aio = run_load(
+            env, "--aio", "--model", "tiny_mlp", "--outstanding", "256", "--seconds", str(seconds)
+        )
     finally:
         worker.stop()
 
@@ -93,48 +141,79 @@ def run(env: dict[str, str], repo: Path, logs: Path) -> list[Row]:
     finally:
         plain.stop()
 
-    for model in SHAPES:
-        s, b = served[model], baseline[model]
-        batch = max(1, round(s["batch"]))
-        one = in_process_throughput(repo, model, 1, seconds / 2)
-        batched = in_process_throughput(repo, model, batch, seconds / 2)
-        rows += [
-            Row.of(
-                f"{model}: served inputs/s, 64 outstanding",
-                s["throughput"],
-                "inputs/s",
-                b["throughput"],
-                "plain Celery task, JSON lists",
-            ),
-            Row.of(
-                f"{model}: served inputs/s vs in-process at the served batch ({batch})",
-                s["throughput"],
-                "inputs/s",
-                batched,
-                f"in-process, batch {batch}, 1 thread",
-            ),
-            Row.of(
-                f"{model}: served inputs/s vs in-process at batch 1",
-                s["throughput"],
-                "inputs/s",
-                one,
-                "in-process, batch 1, 1 thread",
-            ),
-            Row.of(
-                f"{model}: p50 latency, concurrency 1",
-                s["p50"],
-                "ms",
-                b["p50"],
-                "plain Celery task",
-                higher_is_better=False,
-            ),
-            Row.of(
-                f"{model}: p99 latency, concurrency 1",
-                s["p99"],
-                "ms",
-                b["p99"],
-                "plain Celery task",
-                higher_is_better=False,
-            ),
-        ]
+    tiny, cnn = served["tiny_mlp"], served["small_cnn"]
+    rows = [
+        Row.of("tiny_mlp: worker drain rate, pre-filled queue", drain, "inputs/s"),
+        Row.of(
+            "tiny_mlp: 1 producer process, 64 outstanding",
+            tiny["throughput"],
+            "inputs/s",
+            baseline["tiny_mlp"]["throughput"],
+            "plain Celery task, same load",
+        ),
+        Row.of(
+            "tiny_mlp: 1 producer process, 64 outstanding, of the drain rate",
+            tiny["throughput"],
+            "inputs/s",
+            drain,
+            "the worker's drain rate",
+        ),
+        Row.of(
+            "tiny_mlp: 4 producer processes, 64 outstanding each",
+            sum(f["throughput"] for f in four),
+            "inputs/s",
+            drain,
+            "the worker's drain rate",
+        ),
+        Row.of(
+            "tiny_mlp: asyncio client, 1 process, 256 in flight",
+            aio["throughput"],
+            "inputs/s",
+            tiny["throughput"],
+            "1 producer process, sync, 64 outstanding",
+        ),
+        Row.of(
+            "tiny_mlp: p50 latency, concurrency 1",
+            tiny["p50"],
+            "ms",
+            baseline["tiny_mlp"]["p50"],
+            "plain Celery task",
+            higher_is_better=False,
+        ),
+        Row.of(
+            "tiny_mlp: p99 latency, concurrency 1",
+            tiny["p99"],
+            "ms",
+            baseline["tiny_mlp"]["p99"],
+            "plain Celery task",
+            higher_is_better=False,
+        ),
+        Row.of(
+            "small_cnn: 64 outstanding",
+            cnn["throughput"],
+            "inputs/s",
+            baseline["small_cnn"]["throughput"],
+            "plain Celery task, JSON lists",
+        ),
+        Row.of(
+            "small_cnn: 64 outstanding, of the model in-process at batch 32",
+            cnn["throughput"],
+            "inputs/s",
+            in_process_throughput(repo, "small_cnn", 32, seconds / 2),
+            "in-process, batch 32, 1 thread",
+        ),
+        Row.of(
+            "small_cnn: p50 latency, concurrency 1",
+            cnn["p50"],
+            "ms",
+            baseline["small_cnn"]["p50"],
+            "plain Celery task",
+            higher_is_better=False,
+        ),
+        Row.of(
+            "tiny_mlp: served batch size at 64 outstanding",
+            tiny["batch"],
+            "rows",
+        ),
+    ]
     return rows

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -30,7 +31,7 @@ from common.redis import AsyncLink, ThreadLinks
 from common.settings import ServingSettings, serving_settings
 from tasks import broker, codec
 from tasks.balancing import Balancer, Route
-from tasks.replies import AsyncReplies, replies_for
+from tasks.replies import AsyncChannel, replies_for
 from tasks.routing import (
     PREDICT,
     PREDICT_BATCH,
@@ -79,6 +80,7 @@ class Producer:
         self.served = ServedView(ttl_s=max(self.settings.registry_cache_s, 0.5))
         # A request sent on a connection a restarted Redis closed is sent again.
         self.links = ThreadLinks(self.settings.redis_url, resend_once=True)
+        self._one_server = self.settings.backend_url == self.settings.redis_url
         self._prioritised: set[str] = set()
 
     def run(self, reads: Reads[T]) -> T:
@@ -127,13 +129,18 @@ class Producer:
         return Prepared(task_id, call.model, version, route, commands)
 
     def send(self, call: Call, app: Any) -> broker.InferenceResult:
-        """Publish from this thread; the result arrives on the process's reply channel."""
+        """Publish from this thread; the result comes back on the thread's channel (the
+        same connection, when the result backend is the broker's server)."""
         hub = replies_for(self.settings.backend_url)
-        hub.start()
-        prepared = self.run(self.prepare(call, hub.channel))
-        waiter = hub.expect(prepared.task_id)
+        channel = hub.channel()
+        execute = channel.execute if self._one_server else self.links.execute
         try:
-            self.links.execute(prepared.commands)
+            prepared = run_sync(self.prepare(call, channel.name), execute)
+        except redis.RedisError as exc:
+            raise BrokerUnavailableError(f"Redis is unreachable: {exc}") from exc
+        waiter = hub.expect(prepared.task_id, channel)
+        try:
+            execute(prepared.commands)
         except redis.RedisError as exc:
             hub.discard(prepared.task_id)
             raise BrokerUnavailableError(
@@ -191,28 +198,35 @@ class AsyncInferenceClient:
     def __init__(self, producer: Producer | None = None) -> None:
         self.producer = producer or shared_producer()
         settings = self.producer.settings
-        self.link = AsyncLink(settings.redis_url)
-        self.replies = AsyncReplies(settings.backend_url)
+        self.replies = AsyncChannel(settings.backend_url)
+        # Requests go out on the reply channel's connection when it is the broker's server.
+        self.link = None if self.producer._one_server else AsyncLink(settings.redis_url)
 
     async def start(self) -> None:
         await self.replies.start()
 
     async def aclose(self) -> None:
         await self.replies.aclose()
-        await self.link.aclose()
+        if self.link is not None:
+            await self.link.aclose()
+
+    async def _execute(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        if self.link is not None:
+            return await self.link.execute(commands)
+        return await self.replies.execute(commands)
 
     async def lookup(self, reads: Reads[T]) -> T:
         try:
-            return await run_async(reads, self.link.execute)
+            return await run_async(reads, self._execute)
         except redis.RedisError as exc:
             raise BrokerUnavailableError(f"Redis is unreachable: {exc}") from exc
 
     async def submit(self, call: Call) -> Pending:
         await self.replies.start()
-        prepared = await self.lookup(self.producer.prepare(call, self.replies.channel))
+        prepared = await self.lookup(self.producer.prepare(call, self.replies.name))
         future = self.replies.expect(prepared.task_id)
         try:
-            await self.link.execute(prepared.commands)
+            await self._execute(prepared.commands)
         except redis.RedisError as exc:
             self.replies.discard(prepared.task_id)
             raise BrokerUnavailableError(

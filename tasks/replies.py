@@ -1,24 +1,19 @@
-"""Results reach a producer process over one long-lived channel.
+"""Results reach a producer over the connection it publishes on.
 
-Each producer process subscribes once to its own reply channel; every request it
-publishes names that channel, and the worker publishes the result there right after
-storing it under Celery's key. Results are handed to the calls waiting for them, so a
-request costs the producer its publish and a share of one socket read: no SUBSCRIBE, GET
-and UNSUBSCRIBE per request.
+A producer thread (or event loop) keeps one RESP3 connection, subscribed to a reply
+channel of its own. Its requests name that channel, and the worker publishes each result
+there right after storing it under Celery's key. The publish reply and the results that
+arrived meanwhile come back in the same read: a request costs the producer one round
+trip, with no SUBSCRIBE, GET and UNSUBSCRIBE per request and no thread woken to carry a
+result across. When the broker and the result backend are different servers, the channel
+lives on the result backend and requests go out on a connection of their own.
 
-Synchronous callers read the channel themselves, one at a time (leader and followers):
-the thread that waits and finds nobody reading becomes the reader, hands every result it
-reads to its waiter, and when its own has come, passes the reading on to a thread still
-waiting. No thread is woken to carry a result across, which on a busy machine costs more
-than the read itself. An event loop has one reading task (``AsyncReplies``).
-
-A lost connection is routine: the reader reconnects with back-off, subscribes again and
-then reads the stored results of every call still waiting, so nothing published while it
-was away is missed. A call that times out after Redis restarted (a new ``run_id``) is told
-its request may have been lost with Redis's memory (``RequestLostError``).
-
-A result the process did not ask for (``AsyncResult(id).get()`` of a request another
-process sent) is read from its key, polled with back-off.
+A lost connection is routine: the channel reconnects with back-off, subscribes again and
+reads the stored results of every call still waiting, so nothing published while it was
+away is missed. A call that times out after its Redis restarted (a new ``run_id``) is told
+its request may have been lost with Redis's memory (``RequestLostError``). A result the
+process did not ask for (``AsyncResult(id).get()`` of a request another process sent) is
+read from its key, polled with back-off.
 """
 
 from __future__ import annotations
@@ -31,88 +26,206 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import redis
-import redis.asyncio as aioredis
 
 from common import keys
 from common.errors import BrokerUnavailableError
-from common.redis import redis_client
+from common.redis import Outage, redis_client
+from common.resp3 import AsyncConnection, Connection, Endpoint, Push
 from tasks import broker
 
 logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0
+# A thread reading another thread's channel gives the socket back this often.
+READ_SLICE_S = 0.05
+
+
+def _new_channel() -> str:
+    return keys.REPLY_PREFIX + uuid.uuid4().hex
+
+
+def _run_id(info: Any) -> str:
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    for line in text.splitlines():
+        if line.startswith("run_id:"):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+def _message(push: Push) -> tuple[str, bytes] | None:
+    if len(push) == 3 and push[0] == b"message":
+        return broker.split_reply(push[2])
+    return None
 
 
 class _Waiter:
-    """One call's result. ``lock`` is held while nothing has arrived; it is released (by
-    the reader, under the hub's lock) when the result comes or the reading is handed over."""
+    __slots__ = ("__weakref__", "channel", "generation", "raw")
 
-    __slots__ = ("__weakref__", "generation", "lock", "raw", "sleeping")
-
-    def __init__(self, generation: int) -> None:
-        self.lock = threading.Lock()
-        self.lock.acquire()
+    def __init__(self, channel: ThreadChannel) -> None:
+        self.channel = channel
+        self.generation = channel.generation
         self.raw: bytes | None = None
-        self.generation = generation
-        self.sleeping = False
 
 
-def _outage_log(what: str, since: float | None, exc: BaseException) -> float:
-    if since is None:
-        logger.warning("%s: Redis unreachable (%s); reconnecting", what, exc)
-        return time.monotonic()
-    return since
+class ThreadChannel:
+    """One thread's connection: its requests go out and their results come back on it.
+    Another thread waiting for one of those results reads it here too, one at a time."""
+
+    def __init__(self, hub: ReplyHub) -> None:
+        self.hub = hub
+        self.name = _new_channel()
+        self.conn = Connection(hub.endpoint, self._on_push)
+        self.generation = 0
+        self._run_id: str | None = None
+        self._cond = threading.Condition()
+        self._busy = False
+        self._sleepers = 0  # threads waiting for the socket
+        self._resolved_elsewhere = False
+        self.owner = threading.get_ident()
+        self.outage = Outage("reply channel")
+
+    # -- exclusive use of the socket --------------------------------------------------------
+    def _acquire(self, deadline: float | None) -> bool:
+        with self._cond:
+            while self._busy:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._sleepers += 1
+                try:
+                    self._cond.wait(left)
+                finally:
+                    self._sleepers -= 1
+            self._busy = True
+            self._resolved_elsewhere = False
+            return True
+
+    def _release(self) -> None:
+        with self._cond:
+            self._busy = False
+            self._cond.notify_all()
+
+    def _on_push(self, push: Push) -> None:
+        message = _message(push)
+        if message is not None and self.hub.resolve(*message):
+            self._resolved_elsewhere = True
+
+    # -- connection -------------------------------------------------------------------------
+    def _connect(self) -> None:
+        (info,) = self.conn.open([self.name], [("INFO", "server")])
+        run_id = _run_id(info)
+        if self._run_id is not None and run_id != self._run_id:
+            self.generation += 1
+        self._run_id = run_id
+        self.outage.ok()
+        pending = self.hub.pending(self)
+        for i in range(0, len(pending), 1000):
+            chunk = pending[i : i + 1000]
+            (raws,) = self.conn.execute([("MGET", *(broker.result_key(t) for t in chunk))])
+            for task_id, raw in zip(chunk, raws, strict=True):
+                if raw is not None:
+                    self.hub.resolve(task_id, keys.raw_bytes(raw))
+
+    def execute(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Commands on this thread's connection (reconnecting once: a restarted Redis
+        never ran what its old connection carried)."""
+        self._acquire(None)
+        try:
+            for attempt in (1, 2):
+                try:
+                    reused = self.conn.connected
+                    if not reused:
+                        self._connect()
+                    return self.conn.execute(commands)
+                except redis.ConnectionError:
+                    self.conn.close()
+                    if attempt == 2 or not reused:
+                        raise
+            raise AssertionError("unreachable")
+        finally:
+            self._release()
+
+    def wait(self, waiter: _Waiter, deadline: float | None) -> None:
+        """Until the waiter's result came, or the deadline."""
+        while waiter.raw is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+            if not self._acquire(deadline):
+                return
+            try:
+                if waiter.raw is not None:
+                    return
+                if not self.conn.connected:
+                    self._connect()
+                left = None if deadline is None else deadline - time.monotonic()
+                # Give the socket back when results for threads waiting came, and now and
+                # then if this is not the thread that publishes on it.
+                own = threading.get_ident() == self.owner
+                slice_s = 5.0 if own else READ_SLICE_S
+                self.conn.read(
+                    lambda: (
+                        waiter.raw is not None or (self._resolved_elsewhere and self._sleepers > 0)
+                    ),
+                    min(slice_s, left) if left is not None else slice_s,
+                )
+            except redis.RedisError as exc:
+                self.conn.close()
+                pause = self.outage.failed(exc)
+                if deadline is not None:
+                    pause = min(pause, max(deadline - time.monotonic(), 0))
+                time.sleep(pause)
+            finally:
+                self._release()
 
 
 class ReplyHub:
-    """A process's reply channel for synchronous callers."""
+    """A producer process's results for synchronous callers: a channel per thread."""
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.channel = keys.REPLY_PREFIX + uuid.uuid4().hex
+        self.endpoint = Endpoint.from_url(url)
         self.client = redis_client(url, socket_timeout=10)
         self._waiters: weakref.WeakValueDictionary[str, _Waiter] = weakref.WeakValueDictionary()
-        self._lock = threading.Lock()  # waiter states, and who reads
-        self._reading = False
-        self._pubsub: Any = None
-        self._down_since: float | None = None
-        self.generation = 0
-        self._run_id: str | None = None
+        self._local = threading.local()
+        self._lock = threading.Lock()
 
-    # -- callers ----------------------------------------------------------------------------
-    def start(self) -> None:
-        """Subscribe before the first request goes out. Once subscribed, an outage does not
-        hold callers up: the reader recovers what was published meanwhile."""
-        if self._run_id is not None:
-            return
-        deadline = time.monotonic() + CONNECT_TIMEOUT_S
-        while self._run_id is None:
-            if self._lead():
-                try:
-                    self._connect()
-                except redis.RedisError as exc:
-                    if time.monotonic() >= deadline:
-                        raise BrokerUnavailableError(
-                            f"no reply channel: Redis at {redis_url_for_logs(self.url)} did "
-                            f"not answer within {CONNECT_TIMEOUT_S:g} s ({exc})"
-                        ) from exc
-                    time.sleep(0.1)
-                finally:
-                    self._end_reading()
-            else:
-                time.sleep(0.01)
+    def channel(self) -> ThreadChannel:
+        """This thread's channel, subscribed before its first request goes out."""
+        channel: ThreadChannel | None = getattr(self._local, "channel", None)
+        if channel is None:
+            channel = ThreadChannel(self)
+            try:
+                channel.execute([("PING",)])  # connects and subscribes
+            except redis.RedisError as exc:
+                raise BrokerUnavailableError(
+                    f"no reply channel: Redis at {redis_url_for_logs(self.url)}: {exc}"
+                ) from exc
+            self._local.channel = channel
+        return channel
 
-    def expect(self, task_id: str) -> _Waiter:
+    def expect(self, task_id: str, channel: ThreadChannel) -> _Waiter:
         """Register a call before its request is published; keep the waiter while waiting."""
-        waiter = _Waiter(self.generation)
+        waiter = _Waiter(channel)
         self._waiters[task_id] = waiter
         return waiter
 
     def discard(self, task_id: str) -> None:
         self._waiters.pop(task_id, None)
+
+    def resolve(self, task_id: str, meta: bytes) -> bool:
+        """A result arrived; True if a call was waiting for it."""
+        waiter = self._waiters.get(task_id)
+        if waiter is None or waiter.raw is not None:
+            return False
+        waiter.raw = meta
+        return True
+
+    def pending(self, channel: ThreadChannel) -> list[str]:
+        return [t for t, w in list(self._waiters.items()) if w.channel is channel and w.raw is None]
 
     def peek(self, task_id: str) -> bytes | None:
         waiter = self._waiters.get(task_id)
@@ -122,38 +235,16 @@ class ReplyHub:
         waiter = self._waiters.get(task_id)
         if waiter is None:
             return self._poll(task_id, timeout)
-        deadline = None if timeout is None else time.monotonic() + max(timeout, 0)
-        while waiter.raw is None:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                break
-            with self._lock:
-                if waiter.raw is not None:
-                    break
-                leading = not self._reading
-                if leading:
-                    self._reading = True
-                else:
-                    waiter.sleeping = True
-            if leading:
-                try:
-                    self._read_until(waiter, deadline)
-                finally:
-                    self._end_reading()
-                continue
-            # Acquired: released by a result or a hand-over, and held again for next time.
-            if not waiter.lock.acquire(timeout=-1 if left is None else left):
-                with self._lock:
-                    if waiter.sleeping:
-                        waiter.sleeping = False  # nobody released it: still held
-                    else:
-                        waiter.lock.acquire(blocking=False)  # released just now: hold it
+        if waiter.raw is None:
+            deadline = None if timeout is None else time.monotonic() + max(timeout, 0)
+            waiter.channel.wait(waiter, deadline)
         if waiter.raw is not None:
             return waiter.raw
         stored = self._stored(task_id)
         if stored is not None:
             return stored
-        raise broker.not_answered(task_id, timeout, lost=waiter.generation != self.generation)
+        lost = waiter.generation != waiter.channel.generation
+        raise broker.not_answered(task_id, timeout, lost=lost)
 
     def _stored(self, task_id: str) -> bytes | None:
         with contextlib.suppress(redis.RedisError):
@@ -174,98 +265,6 @@ class ReplyHub:
             time.sleep(pause)
             delay = min(delay * 1.5, 0.2)
 
-    # -- reading (one thread at a time) -----------------------------------------------------
-    def _lead(self) -> bool:
-        with self._lock:
-            if self._reading:
-                return False
-            self._reading = True
-            return True
-
-    def _end_reading(self) -> None:
-        """Stop reading; a thread still waiting for its result reads next."""
-        with self._lock:
-            self._reading = False
-            for waiter in list(self._waiters.values()):
-                if waiter.sleeping and waiter.raw is None:
-                    waiter.sleeping = False
-                    waiter.lock.release()
-                    return
-
-    def _deliver(self, data: bytes) -> None:
-        self._resolve(*broker.split_reply(data))
-
-    def _resolve(self, task_id: str, meta: bytes) -> None:
-        with self._lock:
-            waiter = self._waiters.get(task_id)
-            if waiter is not None and waiter.raw is None:
-                waiter.raw = meta
-                if waiter.sleeping:
-                    waiter.sleeping = False
-                    waiter.lock.release()
-
-    def _read_until(self, waiter: _Waiter, deadline: float | None) -> None:
-        while waiter.raw is None:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return
-            try:
-                if self._pubsub is None:
-                    self._connect()
-                    continue
-                message = self._pubsub.get_message(timeout=min(left or 5.0, 5.0))
-                while message is not None:
-                    if message["type"] == "message":
-                        self._deliver(message["data"])
-                    message = self._pubsub.get_message(timeout=0)
-            except redis.RedisError as exc:
-                self._drop()
-                self._down_since = _outage_log("reply channel", self._down_since, exc)
-                pause = min(0.1 * 2 ** min(time.monotonic() - self._down_since, 4), 2.0)
-                time.sleep(pause if left is None else min(pause, max(left, 0)))
-
-    def _connect(self) -> None:
-        pubsub = self.client.pubsub()
-        try:
-            pubsub.subscribe(self.channel)
-            while (m := pubsub.get_message(timeout=CONNECT_TIMEOUT_S)) is None or m[
-                "type"
-            ] != "subscribe":
-                if m is None:
-                    raise redis.ConnectionError("no subscription confirmation")
-            run_id = str(self.client.info("server")["run_id"])
-        except BaseException:
-            with contextlib.suppress(Exception):
-                pubsub.close()
-            raise
-        if self._run_id is not None and run_id != self._run_id:
-            self.generation += 1
-        self._run_id, self._pubsub = run_id, pubsub
-        self._recover()
-        if self._down_since is not None:
-            logger.warning(
-                "reply channel: Redis reachable again after %.1f s",
-                time.monotonic() - self._down_since,
-            )
-            self._down_since = None
-
-    def _drop(self) -> None:
-        pubsub, self._pubsub = self._pubsub, None
-        if pubsub is not None:
-            with contextlib.suppress(Exception):
-                pubsub.close()
-
-    def _recover(self) -> None:
-        """Results stored while the subscription was down."""
-        pending = [t for t, w in list(self._waiters.items()) if w.raw is None]
-        for i in range(0, len(pending), 1000):
-            chunk = pending[i : i + 1000]
-            for task_id, raw in zip(
-                chunk, self.client.mget([broker.result_key(t) for t in chunk]), strict=True
-            ):
-                if raw is not None:
-                    self._resolve(task_id, keys.raw_bytes(raw))
-
 
 def redis_url_for_logs(url: str) -> str:
     """The URL without its password."""
@@ -277,7 +276,7 @@ def redis_url_for_logs(url: str) -> str:
 
 _hubs: dict[str, ReplyHub] = {}
 _hubs_lock = threading.Lock()
-# A forked child subscribes on its own: the parent's reader thread did not come along.
+# A forked child connects on its own: the parent's connections did not come along.
 os.register_at_fork(after_in_child=_hubs.clear)
 
 
@@ -296,25 +295,27 @@ def replies_for(url: str | None = None) -> ReplyHub:
     return hub
 
 
-class AsyncReplies:
-    """A reply channel read by a task of one event loop: thousands of awaits, one socket."""
+class AsyncChannel:
+    """An event loop's connection: every coroutine's requests go out on it (together, a
+    write per loop iteration) and all their results come back on it. A task keeps it
+    connected: after an outage it subscribes again and reads what was stored meanwhile."""
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.channel = keys.REPLY_PREFIX + uuid.uuid4().hex
+        self.name = _new_channel()
+        self.conn = AsyncConnection(Endpoint.from_url(url), self._on_push)
         self._futures: dict[str, tuple[asyncio.Future[bytes], int]] = {}
         self._ready = asyncio.Event()
-        self._client: aioredis.Redis | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._keeper: asyncio.Task[None] | None = None
         self.generation = 0
         self._run_id: str | None = None
+        self.outage = Outage("reply channel")
 
     async def start(self) -> None:
-        if self._task is None:
-            self._client = aioredis.Redis.from_url(
-                self.url, socket_timeout=10, socket_connect_timeout=5
-            )
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="replies")
+        if self._keeper is None:
+            self._keeper = asyncio.get_running_loop().create_task(self._keep(), name="replies")
+        if self._ready.is_set():
+            return
         try:
             await asyncio.wait_for(self._ready.wait(), CONNECT_TIMEOUT_S)
         except asyncio.TimeoutError:
@@ -324,16 +325,20 @@ class AsyncReplies:
             ) from None
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        if self._keeper is not None:
+            self._keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await self._keeper
+            self._keeper = None
+        await self.conn.close()
         for future, _ in self._futures.values():
             if not future.done():
                 future.cancel()
-        if self._client is not None:
-            await self._client.aclose()
+
+    async def execute(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        if not self._ready.is_set():
+            raise redis.ConnectionError("Redis connection lost")
+        return await self.conn.execute(commands)
 
     def expect(self, task_id: str) -> asyncio.Future[bytes]:
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
@@ -344,9 +349,8 @@ class AsyncReplies:
         self._futures.pop(task_id, None)
 
     async def stored(self, task_id: str) -> bytes | None:
-        assert self._client is not None
         with contextlib.suppress(redis.RedisError):
-            raw = await self._client.get(broker.result_key(task_id))
+            (raw,) = await self.execute([("GET", broker.result_key(task_id))])
             return None if raw is None else keys.raw_bytes(raw)
         return None
 
@@ -354,70 +358,65 @@ class AsyncReplies:
         """The result of a registered call; raises like ``ReplyHub.wait`` on timeout."""
         future, generation = self._futures[task_id]
         try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout)
-        except asyncio.TimeoutError:
+            if timeout is None:
+                return await future
+            if not future.done():
+                loop = asyncio.get_running_loop()
+                timer = loop.call_later(max(timeout, 0), _expire, future)
+                try:
+                    await asyncio.wait((future,))
+                finally:
+                    timer.cancel()
+            if not future.cancelled() and future.exception() is None:
+                return future.result()
             stored = await self.stored(task_id)
             if stored is not None:
                 return stored
-            raise broker.not_answered(
-                task_id, timeout, lost=generation != self.generation
-            ) from None
+            raise broker.not_answered(task_id, timeout, lost=generation != self.generation)
         finally:
             self._futures.pop(task_id, None)
 
-    def _deliver(self, data: bytes) -> None:
-        self._resolve(*broker.split_reply(data))
+    def _on_push(self, push: Push) -> None:
+        message = _message(push)
+        if message is not None:
+            entry = self._futures.get(message[0])
+            if entry is not None and not entry[0].done():
+                entry[0].set_result(message[1])
 
-    def _resolve(self, task_id: str, meta: bytes) -> None:
-        entry = self._futures.get(task_id)
-        if entry is not None and not entry[0].done():
-            entry[0].set_result(meta)
-
-    async def _recover(self) -> None:
-        assert self._client is not None
-        pending = [t for t, (f, _) in list(self._futures.items()) if not f.done()]
-        for i in range(0, len(pending), 1000):
-            chunk = pending[i : i + 1000]
-            raws = await self._client.mget([broker.result_key(t) for t in chunk])
-            for task_id, raw in zip(chunk, raws, strict=True):
-                if raw is not None:
-                    self._resolve(task_id, keys.raw_bytes(raw))
-
-    async def _run(self) -> None:
-        assert self._client is not None
-        down_since: float | None = None
+    async def _keep(self) -> None:
         while True:
-            pubsub = self._client.pubsub()
             try:
-                await pubsub.subscribe(self.channel)
-                while True:
-                    m = await pubsub.get_message(timeout=CONNECT_TIMEOUT_S)
-                    if m is None:
-                        raise redis.ConnectionError("no subscription confirmation")
-                    if m["type"] == "subscribe":
-                        break
-                run_id = str((await self._client.info("server"))["run_id"])
+                (info,) = await self.conn.open([self.name], [("INFO", "server")])
+                run_id = _run_id(info)
                 if self._run_id is not None and run_id != self._run_id:
                     self.generation += 1
                 self._run_id = run_id
                 self._ready.set()
                 await self._recover()
-                if down_since is not None:
-                    logger.warning(
-                        "reply channel: Redis reachable again after %.1f s",
-                        time.monotonic() - down_since,
-                    )
-                    down_since = None
-                while True:
-                    message = await pubsub.get_message(timeout=5.0)
-                    if message is not None and message["type"] == "message":
-                        self._deliver(message["data"])
+                self.outage.ok()
+                await self.conn.closed.wait()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self._ready.clear()
-                down_since = _outage_log("reply channel", down_since, exc)
-                await asyncio.sleep(min(0.1 * 2 ** min(time.monotonic() - down_since, 4), 2.0))
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                pause = self.outage.failed(exc)
+                await asyncio.sleep(pause)
+            self._ready.clear()
+
+    async def _recover(self) -> None:
+        pending = [t for t, (f, _) in list(self._futures.items()) if not f.done()]
+        for i in range(0, len(pending), 1000):
+            chunk = pending[i : i + 1000]
+            (raws,) = await self.conn.execute([("MGET", *(broker.result_key(t) for t in chunk))])
+            for task_id, raw in zip(chunk, raws, strict=True):
+                entry = self._futures.get(task_id)
+                if raw is not None and entry is not None and not entry[0].done():
+                    entry[0].set_result(keys.raw_bytes(raw))
+
+
+class _Expired(Exception):
+    pass
+
+
+def _expire(future: asyncio.Future[bytes]) -> None:
+    if not future.done():
+        future.set_exception(_Expired())

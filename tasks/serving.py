@@ -37,7 +37,7 @@ from common.settings import (
 )
 from loader.health import UNHEALTHY, HealthChecker
 from loader.registry import RegistryPublisher
-from loader.server import ModelServer
+from loader.server import ModelServer, keep_freed_memory
 from monitoring.metrics import WORKER, MetricsRecorder
 from monitoring.resources import ProcessSampler, gpu_reading
 from tasks import broker
@@ -248,6 +248,7 @@ class ModelServing(bootsteps.StartStopStep):
 
     def create(self, worker: Any) -> ModelServing:
         serving, settings = serving_settings(), worker_settings()
+        keep_freed_memory()
         held = HeldMessages()
         completer = Completer(worker.app, held, serving.redis_url, worker.hostname)
         server = ModelServer(serving, settings, admit=admit)

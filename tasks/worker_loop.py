@@ -1,12 +1,12 @@
 """The worker's serving loop: fetch, run, answer, on one thread and one connection.
 
-Each turn runs the next batch the batcher has ready, then sends, in one round trip, the
-batch's results and acknowledgements followed by the fetch of what the freed room allows
-(the broker's atomic fetch: a message is in a queue or in this worker's held hash, never
-only in memory). Under load a turn is one forward pass and one round trip; with nothing
-to do the loop blocks on its wake lists until a producer leaves a token (or a second
-passes, or a batch's wait ends), so an idle worker costs nothing and a lone request is
-answered after two round trips.
+Each turn sends, in one write, the last batch's results and acknowledgements followed by
+the fetch of what the freed room allows (the broker's atomic fetch: a message is in a
+queue or in this worker's held hash, never only in memory), runs the next batch while
+Redis answers, then reads the replies. Under load a turn is one forward pass with its
+round trip hidden behind it; with nothing to do the loop blocks on its wake lists until a
+producer leaves a token (or a second passes, or a batch's wait ends), so an idle worker
+costs nothing and a lone request is answered after two round trips.
 
 Its queues change at run time (``add_consumer``/``cancel_consumer``, a model turning
 unhealthy, a load finishing): each change wakes it at once. A lost connection is routine:
@@ -17,17 +17,20 @@ twice is harmless) and gives back anything a fetch whose reply was lost had take
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 
 from common import keys
 from common.contracts import ModelKey
-from common.redis import Link, Outage, redis_client
+from common.redis import Outage, redis_client
+from common.resp3 import Connection, Endpoint
 from loader.batching import Batcher, Outcome
 from tasks import broker
 from tasks.delivery import Completer, Receiver
@@ -37,6 +40,17 @@ logger = logging.getLogger(__name__)
 WAIT_S = 1.0
 # A batch's wait (max_batch_delay_ms) shorter than this is waited out without blocking.
 MIN_WAIT_S = 0.001
+
+
+@dataclass
+class _Trip:
+    """A round trip sent and not yet read."""
+
+    count: int  # replies due
+    answering: list[Outcome]
+    plan: broker.FetchPlan | None
+    room: int
+    waiting: bool
 
 
 class WorkerLoop:
@@ -65,12 +79,7 @@ class WorkerLoop:
         self.held_tags = held_tags
         self.paused = paused
         # The hot path on a lean connection of this thread's own.
-        self.link = Link(
-            redis.ConnectionPool.from_url(
-                url, socket_timeout=WAIT_S + 10, socket_connect_timeout=5
-            ),
-            on_noscript=broker.load_scripts,
-        )
+        self.conn = Connection(Endpoint.from_url(url), on_push=lambda push: None)
         self.client = redis_client(url, socket_timeout=10)
         self.control = redis_client(url, socket_timeout=5)
         self.own_wake = keys.own_wake(hostname)
@@ -86,6 +95,7 @@ class WorkerLoop:
         self._drained = False  # the last fetch found every queue empty
         self._swept_at = 0.0
         self._unanswered: list[Outcome] = []
+        self._trip: _Trip | None = None
         self.outage = Outage(f"worker {hostname}")
         self._thread = threading.Thread(target=self._run, name="worker-loop", daemon=True)
         batcher.on_wake = self.wake
@@ -158,10 +168,16 @@ class WorkerLoop:
 
     def _turn(self) -> None:
         picked, wait_s = self.batcher.next_batch()
-        if picked is not None:
-            self._unanswered += self.batcher.run_batch(*picked)
         self._unanswered += self.batcher.finished_early()
-        answering = self._unanswered
+        if self._trip is None:
+            self._start_trip(idle=picked is None, wait_s=wait_s)
+        if picked is not None:  # computed while Redis works on the round trip
+            self._unanswered += self.batcher.run_batch(*picked)
+        if self._trip is not None:
+            self._finish_trip()
+
+    def _start_trip(self, *, idle: bool, wait_s: float | None) -> None:
+        answering, self._unanswered = self._unanswered, []
         with self._lock:
             room = self.prefetch - self._held + len(answering)
         try:
@@ -172,52 +188,83 @@ class WorkerLoop:
             # for a wake token. The fetch goes in the same write, behind the wait: Redis
             # runs it the moment the wait ends, so a request that wakes an idle worker
             # costs one round trip, not two.
-            waiting = picked is None and not answering and self._drained and not self._stopping
+            waiting = idle and not answering and self._drained and not self._stopping
             if waiting:
                 timeout = WAIT_S if wait_s is None else min(wait_s, WAIT_S)
                 if timeout < MIN_WAIT_S:
+                    self._unanswered = answering
                     return  # a batch's short wait: look again at once
                 commands.append(broker.wait_command(self.consumer, self.own_wake, timeout))
             # Fetch with every answer and every wait (it rides the same round trip), and
             # otherwise unless the last fetch found the queues empty.
-            fetching = (
+            plan = None
+            if (
                 room > 0
                 and bool(self.consumer.sources)
                 and not self._stopping
                 and (bool(commands) or not self._drained)
-            )
-            if fetching:
+            ):
                 plan = broker.fetch_command(self.consumer, room, self.lease_s)
                 commands.append(plan.command)
-            replies = self.link.execute(commands) if commands else []
-            self.outage.ok()
+            if not commands:
+                return
+            if not self.conn.connected:
+                self.conn.open()
+            self.conn.send(commands)
+            self._trip = _Trip(len(commands), answering, plan, room, waiting)
         except redis.RedisError as exc:
-            # Answers are sent again next turn; a fetch may have taken messages: reconcile.
-            self._reconcile = True
-            time.sleep(self.outage.failed(exc))
+            self._failed(answering, exc)
+
+    def _finish_trip(self) -> None:
+        trip, self._trip = self._trip, None
+        assert trip is not None
+        try:
+            replies = self.conn.receive(trip.count, timeout_s=WAIT_S + 10)
+            self.outage.ok()
+        except redis.exceptions.NoScriptError as exc:
+            broker.load_scripts(self.client)  # a restarted Redis forgot them: send again
+            self._failed(trip.answering, exc, pause=False)
             return
-        self._unanswered = []
-        if answering:
-            self.completer.answered(answering)
-            self.batcher.record(answering)
-        if fetching:
-            fetched = plan.parse(replies[-1])
-            self._drained = len(fetched) < room
+        except redis.RedisError as exc:
+            self._failed(trip.answering, exc)
+            return
+        if trip.answering:
+            self.completer.answered(trip.answering)
+            self.batcher.record(trip.answering)
+        if trip.plan is not None:
+            fetched = trip.plan.parse(replies[-1])
+            self._drained = len(fetched) < trip.room
             if fetched:
                 with self._lock:
                     self._held += len(fetched)
                 self.receiver(fetched)
-        elif waiting:
+        elif trip.waiting:
             self._drained = False  # woken (or a second passed): look again
+
+    def _failed(self, answering: list[Outcome], exc: Exception, *, pause: bool = True) -> None:
+        """Answers are sent again next turn; a fetch may have taken messages: reconcile."""
+        self._unanswered = answering + self._unanswered
+        self._reconcile = True
+        self.conn.close()
+        if pause:
+            time.sleep(self.outage.failed(exc))
 
     def _answer_remaining(self) -> None:
         """At a stop: answer what ran, within a few seconds even if Redis is away."""
         self._unanswered += self.batcher.finished_early()
+        if self._trip is not None:
+            self._finish_trip()
         deadline = time.monotonic() + 10.0
         while self._unanswered and time.monotonic() < deadline:
             try:
-                self.link.execute(self.completer.commands(self._unanswered))
+                if not self.conn.connected:
+                    self.conn.open()
+                self.conn.execute(self.completer.commands(self._unanswered))
+            except redis.exceptions.NoScriptError:
+                broker.load_scripts(self.client)
+                continue
             except redis.RedisError as exc:
+                self.conn.close()
                 time.sleep(self.outage.failed(exc))
                 continue
             self.completer.answered(self._unanswered)
@@ -271,7 +318,9 @@ class WorkerLoop:
                 if t not in held
             ]
             if stray:
-                moved = broker.give_back(self.link.execute, self.consumer, stray)
+                moved = broker.give_back(
+                    functools.partial(broker.run, self.client), self.consumer, stray
+                )
                 logger.warning("worker %s gave back %d stray messages", self.hostname, moved)
             self._reconcile = False
         now = time.monotonic()

@@ -15,6 +15,7 @@ from common import keys
 from common.errors import SchemaError, UnknownModelError
 from common.redis import EmbeddedRedis
 from tasks.producer import AsyncInferenceClient
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -33,8 +34,12 @@ def test_a_thousand_awaits_in_flight(picky_worker: Any, client: redis.Redis) -> 
         return [float(o[0]) for o in outputs]
 
     assert asyncio.run(main()) == [float(i + 1) for i in range(1000)]
-    report = picky_worker.report(client)
-    assert report["batching"]["picky/v1"]["max_batch_rows"] > 1  # they were batched
+
+    def batched() -> Any:
+        stats = (picky_worker.report(client) or {}).get("batching", {}).get("picky/v1", {})
+        return stats if stats.get("rows", 0) >= 1000 else None
+
+    assert wait_for(batched, what="the batches in the report")["max_batch_rows"] > 1
 
 
 def test_errors_keep_their_type(picky_worker: Any) -> None:

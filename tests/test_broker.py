@@ -51,22 +51,16 @@ def celery_message(client: redis.Redis, **options: Any) -> dict[str, Any]:
     return json.loads(raw)  # type: ignore[no-any-return]
 
 
-def test_our_message_is_the_one_celery_writes(client: redis.Redis, test_repo: Path) -> None:
+def test_our_message_carries_what_celery_writes(client: redis.Redis, test_repo: Path) -> None:
+    """Ours is kombu's envelope packed with msgpack and the body raw: the same fields."""
     publish_registry(client, ModelRepository(test_repo).registry())
     theirs = celery_message(client, priority=5, expires=30)
-    ours = json.loads(
-        broker.encode_task_message(
-            "tasks.predict",
-            broker.new_task_id(),
-            ("linear", [1.0] * 8),
-            {"version": "v1"},
-            queue=QUEUE,
-            serializer="json",
-            priority=5,
-            expires=broker.expires_at(30),
-            reply_channel="inference:reply:x",
-        )
-    )
+    raw = broker.encode_task_message(
+        "tasks.predict", broker.new_task_id(), ("linear", [1.0] * 8), {"version": "v1"},
+        queue=QUEUE, serializer="json", priority=5, expires=broker.expires_at(30),
+        reply_channel="inference:reply:x",
+    )  # fmt: skip
+    ours = broker.read_envelope(raw)
     assert set(ours) == set(theirs)
     assert set(ours["properties"]) == set(theirs["properties"])
     # Ours adds the reply channel and the publish time (Celery passes unknown headers on).
@@ -75,19 +69,27 @@ def test_our_message_is_the_one_celery_writes(client: redis.Redis, test_repo: Pa
     )
     for field in ("content-type", "content-encoding"):
         assert ours[field] == theirs[field]
-    for field in ("delivery_info", "priority", "delivery_mode", "body_encoding"):
+    for field in ("delivery_info", "priority", "delivery_mode"):
         assert ours["properties"][field] == theirs["properties"][field], field
+    assert theirs["properties"]["body_encoding"] == "base64"
+    assert ours["properties"]["body_encoding"] == broker.BINARY
     for field in ("task", "lang", "retries", "eta", "group", "timelimit", "parent_id"):
         assert ours["headers"][field] == theirs["headers"][field], field
-    assert (
-        abs(int(ours["properties"]["expiration"]) - int(theirs["properties"]["expiration"])) < 2000
+    expiration = int(ours["properties"]["expiration"])
+    assert abs(expiration - int(theirs["properties"]["expiration"])) < 2000
+    body = loads(ours["body"], ours["content-type"], ours["content-encoding"])  # raw bytes
+    their_body = loads(
+        base64.b64decode(theirs["body"]), theirs["content-type"], theirs["content-encoding"]
     )
-
-    def body(message: dict[str, Any]) -> Any:
-        raw = base64.b64decode(message["body"])
-        return loads(raw, message["content-type"], message["content-encoding"])
-
-    assert body(ours) == body(theirs)
+    assert body == their_body
+    # Both decode to the same request.
+    mine = broker.decode_task_message(raw, accept=["json"], max_body_bytes=1 << 20)
+    celerys = broker.decode_task_message(
+        json.dumps(theirs).encode(), accept=["json"], max_body_bytes=1 << 20
+    )
+    assert (mine.task_name, mine.args, mine.kwargs, mine.priority) == (
+        celerys.task_name, celerys.args, celerys.kwargs, celerys.priority,
+    )  # fmt: skip
 
 
 def test_a_message_celery_publishes_is_fetched_and_decoded(

@@ -1,0 +1,354 @@
+"""A minimal RESP3 connection: commands answered in order, and pub/sub messages pushed on
+the same socket.
+
+A producer sends its requests and reads their results on one connection: the publish
+reply and the results that have arrived meanwhile come back in the same read, so a
+request costs one round trip and no thread hand-over. Connection settings (host or unix
+socket, database, user and password, TLS with its certificate options) come from the
+same URL redis-py reads (``redis.connection.parse_url``); replies are parsed by hiredis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import socket
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import hiredis
+import redis
+from redis.connection import parse_url
+
+Command = Sequence[Any]
+Push = list[Any]
+
+_VERIFY = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+
+@dataclass
+class Endpoint:
+    """Where a Redis is and how to log in, from its URL."""
+
+    host: str = "127.0.0.1"
+    port: int = 6379
+    path: str | None = None  # a unix socket
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    tls: ssl.SSLContext | None = None
+    connect_timeout_s: float = 5.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_url(cls, url: str, *, connect_timeout_s: float = 5.0) -> Endpoint:
+        parsed = parse_url(url)
+        tls = None
+        if url.startswith("rediss://"):
+            tls = ssl.create_default_context(cafile=parsed.get("ssl_ca_certs"))
+            reqs = parsed.get("ssl_cert_reqs", "required")
+            tls.verify_mode = _VERIFY.get(str(reqs), ssl.CERT_REQUIRED)
+            tls.check_hostname = tls.verify_mode != ssl.CERT_NONE and bool(
+                parsed.get("ssl_check_hostname", False)
+            )
+            if parsed.get("ssl_certfile"):
+                tls.load_cert_chain(parsed["ssl_certfile"], parsed.get("ssl_keyfile"))
+        return cls(
+            host=parsed.get("host", "127.0.0.1"),
+            port=int(parsed.get("port", 6379)),
+            path=parsed.get("path"),
+            db=int(parsed.get("db", 0) or 0),
+            username=parsed.get("username"),
+            password=parsed.get("password"),
+            tls=tls,
+            connect_timeout_s=connect_timeout_s,
+        )
+
+    def handshake(self) -> list[tuple[Any, ...]]:
+        hello: tuple[Any, ...] = ("HELLO", 3)
+        if self.password is not None:
+            hello += ("AUTH", self.username or "default", self.password)
+        commands = [hello]
+        if self.db:
+            commands.append(("SELECT", self.db))
+        return commands
+
+    def connect(self) -> socket.socket:
+        try:
+            if self.path is not None:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(self.connect_timeout_s)
+                sock.connect(self.path)
+            else:
+                sock = socket.create_connection((self.host, self.port), self.connect_timeout_s)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if self.tls is not None:
+                sock = self.tls.wrap_socket(sock, server_hostname=self.host)
+            return sock
+        except OSError as exc:
+            raise redis.ConnectionError(f"cannot connect to Redis: {exc}") from exc
+
+    async def open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        try:
+            if self.path is not None:
+                opening = asyncio.open_unix_connection(self.path)
+            else:
+                opening = asyncio.open_connection(
+                    self.host,
+                    self.port,
+                    ssl=self.tls,
+                    server_hostname=self.host if self.tls else None,
+                )
+            return await asyncio.wait_for(opening, self.connect_timeout_s)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise redis.ConnectionError(f"cannot connect to Redis: {exc}") from exc
+
+
+def opening(
+    handshake: Sequence[Command], subscribe: Sequence[str], setup: Sequence[Command]
+) -> list[Command]:
+    return [*handshake, *([("SUBSCRIBE", *subscribe)] if subscribe else []), *setup]
+
+
+def pack(commands: Sequence[Command]) -> bytes:
+    return b"".join([hiredis.pack_command(tuple(c)) for c in commands])
+
+
+def error_of(reply: Any) -> redis.ResponseError | None:
+    if isinstance(reply, hiredis.ReplyError):
+        text = str(reply)
+        if text.startswith("NOSCRIPT"):
+            return redis.exceptions.NoScriptError(text)
+        return redis.ResponseError(text)
+    return None
+
+
+def first_error(replies: list[Any]) -> redis.ResponseError | None:
+    for reply in replies:
+        error = error_of(reply)
+        if error is not None:
+            return error
+    return None
+
+
+class Connection:
+    """A blocking RESP3 connection used by one thread at a time. ``on_push`` gets every
+    pushed message as it is read (whichever call is reading)."""
+
+    def __init__(self, endpoint: Endpoint, on_push: Callable[[Push], None]) -> None:
+        self.endpoint = endpoint
+        self.on_push = on_push
+        self._sock: socket.socket | None = None
+        self._reader = hiredis.Reader()
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    def open(self, subscribe: Sequence[str] = (), setup: Sequence[Command] = ()) -> list[Any]:
+        """Connect, log in, subscribe and run ``setup``; returns setup's replies. (A
+        subscription is confirmed by a pushed message, not by a reply.)"""
+        self.close()
+        self._sock = self.endpoint.connect()
+        self._reader = hiredis.Reader()
+        handshake = self.endpoint.handshake()
+        commands = opening(handshake, subscribe, setup)
+        replies = self.execute(commands, answered=len(handshake) + len(setup))
+        return replies[len(handshake) :]
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def execute(
+        self, commands: Sequence[Command], *, timeout_s: float = 30.0, answered: int | None = None
+    ) -> list[Any]:
+        """Commands in one write; their replies in order (error replies raise, after all
+        are read). Pushed messages read meanwhile go to ``on_push``. ``answered``: how
+        many of the commands get a reply (all but subscriptions)."""
+        self.send(commands)
+        return self.receive(len(commands) if answered is None else answered, timeout_s=timeout_s)
+
+    def send(self, commands: Sequence[Command]) -> None:
+        """Write commands now; ``receive`` reads their replies later (the caller computes
+        meanwhile)."""
+        sock = self._sock
+        if sock is None:
+            raise redis.ConnectionError("not connected")
+        try:
+            sock.sendall(pack(commands))
+        except OSError as exc:
+            self.close()
+            raise redis.ConnectionError(f"Redis connection lost: {exc}") from exc
+
+    def receive(self, count: int, *, timeout_s: float = 30.0) -> list[Any]:
+        replies: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        while len(replies) < count:
+            if not self._pump(deadline, replies):
+                self.close()
+                raise redis.TimeoutError(f"no reply from Redis within {timeout_s:g} s")
+        error = first_error(replies)
+        if error is not None:
+            raise error
+        return replies
+
+    def read(self, until: Callable[[], bool], timeout_s: float) -> bool:
+        """Read pushed messages until ``until()`` holds or ``timeout_s`` passes."""
+        deadline = time.monotonic() + timeout_s
+        stray: list[Any] = []
+        while not until():
+            if not self._pump(deadline, stray):
+                return until()
+        return True
+
+    def _pump(self, deadline: float, replies: list[Any]) -> bool:
+        """Parse what was received (pushes handed on, replies appended); if nothing was,
+        wait for data once. False if the deadline passed with nothing to parse."""
+        reader = self._reader
+        parsed = False
+        while (item := reader.gets()) is not False:
+            parsed = True
+            if isinstance(item, hiredis.PushNotification):
+                self.on_push(list(item))
+            else:
+                replies.append(item)
+        if parsed:
+            return True
+        left = deadline - time.monotonic()
+        sock = self._sock
+        if sock is None:
+            raise redis.ConnectionError("not connected")
+        if left <= 0:
+            return False
+        try:
+            sock.settimeout(left)
+            data = sock.recv(262144)
+        except TimeoutError:
+            return False
+        except OSError as exc:
+            self.close()
+            raise redis.ConnectionError(f"Redis connection lost: {exc}") from exc
+        if not data:
+            self.close()
+            raise redis.ConnectionError("Redis closed the connection")
+        reader.feed(data)
+        return True
+
+
+class AsyncConnection:
+    """A RESP3 connection shared by every coroutine of one event loop: commands handed in
+    during one loop iteration go out in one write (automatic pipelining), their replies are
+    matched in order, and pushed messages go to ``on_push``. A lost connection fails what is
+    under way; ``open`` makes a new one."""
+
+    HIGH_WATER = 4 * 1024 * 1024  # bytes queued for the socket before callers wait
+
+    def __init__(self, endpoint: Endpoint, on_push: Callable[[Push], None]) -> None:
+        self.endpoint = endpoint
+        self.on_push = on_push
+        self._writer: asyncio.StreamWriter | None = None
+        self._reading: asyncio.Task[None] | None = None
+        self._pending: collections.deque[tuple[int, asyncio.Future[list[Any]], list[Any]]] = (
+            collections.deque()
+        )
+        self._outgoing: list[bytes] = []
+        self._flush_scheduled = False
+        self.closed: asyncio.Event = asyncio.Event()
+        self.closed.set()
+
+    @property
+    def connected(self) -> bool:
+        return self._writer is not None
+
+    async def open(self, subscribe: Sequence[str] = (), setup: Sequence[Command] = ()) -> list[Any]:
+        await self.close()
+        reader, writer = await self.endpoint.open()
+        self._writer = writer
+        self.closed.clear()
+        self._reading = asyncio.get_running_loop().create_task(self._read(reader))
+        handshake = self.endpoint.handshake()
+        commands = opening(handshake, subscribe, setup)
+        replies = await self.execute(commands, answered=len(handshake) + len(setup))
+        return replies[len(handshake) :]
+
+    async def close(self) -> None:
+        writer, self._writer = self._writer, None
+        if self._reading is not None:
+            self._reading.cancel()
+            with contextlib.suppress(BaseException):
+                await self._reading
+            self._reading = None
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+        self._fail(redis.ConnectionError("Redis connection closed"))
+
+    async def execute(
+        self, commands: Sequence[Command], *, answered: int | None = None
+    ) -> list[Any]:
+        writer = self._writer
+        if writer is None:
+            raise redis.ConnectionError("Redis connection lost")
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._pending.append((len(commands) if answered is None else answered, future, []))
+        self._outgoing.append(pack(commands))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        if writer.transport.get_write_buffer_size() > self.HIGH_WATER:
+            await writer.drain()
+        replies = await future
+        error = first_error(replies)
+        if error is not None:
+            raise error
+        return replies
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        data, self._outgoing = b"".join(self._outgoing), []
+        if self._writer is not None and data:
+            self._writer.write(data)
+
+    def _fail(self, error: Exception) -> None:
+        pending, self._pending, self._outgoing = self._pending, collections.deque(), []
+        for _, future, _ in pending:
+            if not future.done():
+                future.set_exception(error)
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        parser = hiredis.Reader()
+        try:
+            while True:
+                data = await reader.read(262144)
+                if not data:
+                    raise redis.ConnectionError("Redis closed the connection")
+                parser.feed(data)
+                while (item := parser.gets()) is not False:
+                    if isinstance(item, hiredis.PushNotification):
+                        self.on_push(list(item))
+                        continue
+                    if not self._pending:
+                        continue  # a reply nobody waits for (its caller was cancelled)
+                    count, future, replies = self._pending[0]
+                    replies.append(item)
+                    if len(replies) == count:
+                        self._pending.popleft()
+                        if not future.done():
+                            future.set_result(replies)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            error = exc if isinstance(exc, redis.RedisError) else redis.ConnectionError(str(exc))
+            self._writer = None
+            self._fail(error)
+        finally:
+            self.closed.set()
