@@ -50,10 +50,12 @@ class Endpoint:
         tls = None
         if url.startswith("rediss://"):
             tls = ssl.create_default_context(cafile=parsed.get("ssl_ca_certs"))
-            reqs = parsed.get("ssl_cert_reqs", "required")
-            tls.verify_mode = _VERIFY.get(str(reqs), ssl.CERT_REQUIRED)
-            tls.check_hostname = tls.verify_mode != ssl.CERT_NONE and bool(
-                parsed.get("ssl_check_hostname", False)
+            verify = _VERIFY.get(str(parsed.get("ssl_cert_reqs", "required")), ssl.CERT_REQUIRED)
+            tls.check_hostname = False  # before verify_mode: CERT_NONE refuses it
+            tls.verify_mode = verify
+            # As redis-py: the host name is checked whenever the certificate is.
+            tls.check_hostname = verify != ssl.CERT_NONE and bool(
+                parsed.get("ssl_check_hostname", True)
             )
             if parsed.get("ssl_certfile"):
                 tls.load_cert_chain(parsed["ssl_certfile"], parsed.get("ssl_keyfile"))
