@@ -59,7 +59,7 @@ async def _cold_starts(client: redis.Redis) -> list[Row]:
             for _ in range(1 if strategy is ColdStartStrategy.LAZY else 5):
                 if strategy is ColdStartStrategy.HYBRID:
                     # Something served, so the standby exists; small_cnn at zero, nowhere
-                    # loaded; the standby reporting with no queue.
+                    # loaded; the standby listening for commands, with no queue.
                     await autoscaler.predict("linear", [1.0] * 8)
                     await asyncio.to_thread(
                         wait_for,
@@ -70,7 +70,7 @@ async def _cold_starts(client: redis.Redis) -> list[Row]:
                                 for r in _reports(client)
                                 for m in r["models"]
                             )
-                            and any(not r["queues"] for r in _reports(client))
+                            and any(not r["queues"] and r.get("ready") for r in _reports(client))
                         ),
                     )
                 started = time.monotonic()

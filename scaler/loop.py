@@ -3,6 +3,7 @@ what tests call directly."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -22,8 +23,8 @@ from monitoring.metrics import FLEET, MODEL, MetricsHistory, MetricsRecorder
 from monitoring.metrics import field as metric_field
 from scaler.backends import Backend, LocalBackend, StaticBackend
 from scaler.config import AutoscalerConfig
-from scaler.policy import NEW_WORKER_PREFIX, Decision, Plan, PolicyState, decide
-from scaler.store import FleetView, ScalerStore, parse_key
+from scaler.policy import NEW_WORKER_PREFIX, Decision, Plan, PolicyState, Snapshot, decide
+from scaler.store import FleetView, ScalerStore, parse_key, queue_to_key
 from tasks import broker
 
 logger = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ class ScalerLoop:
         view = self.store.read(now)
         self._reap(view, now)
         self._failover(view)
-        plan, self.state = decide(view.snapshot, self.config, self.state)
+        plan, self.state = decide(self._as_commanded(view, now), self.config, self.state)
         result = TickResult(leader=True, plan=plan)
         self._watch_cold_starts(view, plan, now)
         self._apply(plan, view, now, result)
@@ -147,6 +148,26 @@ class ScalerLoop:
         self._sent[key] = now
         return True
 
+    def _as_commanded(self, view: FleetView, now: float) -> Snapshot:
+        """The snapshot with the queue commands of the last few seconds applied: reports lag
+        behind them, and a plan made from a stale report would pick other workers to keep
+        on the next tick (and cancel every instance of a model while it scales down)."""
+        added: dict[str, set[ModelKey]] = {}
+        cancelled: dict[str, set[ModelKey]] = {}
+        for (worker, command, arg), sent in self._sent.items():
+            if command in ("add", "cancel") and now - sent < RESEND_S:
+                key = queue_to_key(arg)
+                if key is not None:
+                    (added if command == "add" else cancelled).setdefault(worker, set()).add(key)
+        if not added and not cancelled:
+            return view.snapshot
+        workers = dict(view.snapshot.workers)
+        for name, info in workers.items():
+            serving = (info.serving | added.get(name, set())) - cancelled.get(name, set())
+            if serving != info.serving:
+                workers[name] = dataclasses.replace(info, serving=frozenset(serving))
+        return dataclasses.replace(view.snapshot, workers=workers)
+
     def _control(self, command: str, worker: str, **arguments: Any) -> None:
         self.app.control.broadcast(command, arguments=arguments, destination=[worker], reply=False)
 
@@ -155,8 +176,8 @@ class ScalerLoop:
             if name.startswith(NEW_WORKER_PREFIX):
                 continue
             report = view.reports.get(name)
-            if report is None:
-                continue  # still starting: it was launched with its queues
+            if report is None or not report.get("ready", True):
+                continue  # still starting: it was launched with its queues, hears no command
             wanted = {keys.queue_name(*k) for k in wanted_keys}
             consumed = {q for q in report.get("queues", []) if q.startswith(keys.QUEUE_PREFIX)}
             for queue in sorted(wanted - consumed):

@@ -252,6 +252,8 @@ class ScalerStore:
                 capacity_bytes=int(report.get("capacity_bytes", 10 * 1024**3)),
                 max_models=int(report.get("max_models", 5)),
                 managed=name in fleet,
+                # Reporting, but not yet listening for commands (its consumer starts).
+                starting=not report.get("ready", True),
                 unhealthy=frozenset(
                     parse_key(text)
                     for text, check in report.get("instances_health", {}).items()

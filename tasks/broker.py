@@ -239,10 +239,7 @@ def encode_task_message(
 def read_envelope(raw: bytes) -> dict[str, Any]:
     """A message's envelope: kombu's JSON (what Celery and kombu publish), or the same
     fields packed with msgpack (what this project's producers publish)."""
-    if raw[:1] == b"{":
-        envelope = json.loads(raw)
-    else:
-        envelope = msgpack.unpackb(raw, raw=False)
+    envelope = json.loads(raw) if raw[:1] == b"{" else msgpack.unpackb(raw, raw=False)
     if not isinstance(envelope, dict):
         raise ValueError("not a message envelope")
     return envelope

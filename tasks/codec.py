@@ -31,16 +31,25 @@ _WIRE_DTYPES = {
 }
 
 
+_headers: dict[tuple[str, tuple[int, ...]], bytes] = {}
+
+
 def _pack_array(code: int, array: np.ndarray) -> msgpack.ExtType:
-    dtype = array.dtype
-    if dtype.str not in _WIRE_DTYPES:
+    wire = array.dtype.str
+    if wire not in _WIRE_DTYPES:
         raise SchemaError(
             f"array dtype {array.dtype} cannot travel; use one of {sorted(ALLOWED_DTYPES)}"
         )
     if not array.flags.c_contiguous:
         array = array.copy(order="C")  # (ascontiguousarray would turn a 0-d array into 1-d)
-    header = msgpack.packb([dtype.str, list(array.shape)])
-    return msgpack.ExtType(code, _HEADER.pack(len(header)) + header + array.tobytes())
+    shape = array.shape
+    header = _headers.get((wire, shape))
+    if header is None:
+        packed = msgpack.packb([wire, list(shape)])
+        header = _HEADER.pack(len(packed)) + packed
+        if len(_headers) < 1024:  # the shapes a model sees are few
+            _headers[(wire, shape)] = header
+    return msgpack.ExtType(code, header + array.tobytes())
 
 
 def _default(obj: Any) -> Any:

@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Any
 
-from celery import bootsteps
+from celery import bootsteps, signals
 from celery.worker.consumer import Consumer
 from celery.worker.control import control_command, inspect_command
 
@@ -71,11 +71,13 @@ class Reporter:
         self.sampler = ProcessSampler()
         self.started_at = time.time()
         self._stop = threading.Event()
+        self._nudged = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="worker-report", daemon=True)
         self.registry = RegistryPublisher(server.repository)
         self.orphan_exit_s = settings.orphan_exit_s
         self._last_ok = time.monotonic()
         self.outage = Outage(f"worker {worker.hostname} (report)")
+        self.ready = False
         # Metrics are recorded by the batcher's completion thread and the cache's loaders;
         # this thread writes them, so a prediction never waits on a metrics write.
         self.metrics = MetricsRecorder(self.client, metrics_settings())
@@ -91,8 +93,13 @@ class Reporter:
             logger.warning("worker %s report failed: %s", self.worker.hostname, exc)
         self._thread.start()
 
+    def nudge(self) -> None:
+        """Report now, not at the next interval."""
+        self._nudged.set()
+
     def stop(self) -> None:
         self._stop.set()
+        self._nudged.set()
         self._thread.join(5)
         try:
             self.metrics.flush()
@@ -132,7 +139,8 @@ class Reporter:
                     self.metrics.flush()
                 except Exception as exc:
                     logger.warning("worker %s metrics write failed: %s", self.worker.hostname, exc)
-            self._stop.wait(self.interval_s)
+            self._nudged.wait(self.interval_s)
+            self._nudged.clear()
 
     def report(self, now: float) -> dict[str, Any]:
         server = self.server
@@ -177,6 +185,8 @@ class Reporter:
             "resources": self.sampler.sample(),
             "device_memory": device_reading,
             "health": "degraded" if unhealthy else "ok",
+            # Its consumer listens for remote control (add_consumer, preload_model).
+            "ready": self.ready,
             # Per loaded model version: healthy / unhealthy / retrying, failures, reason.
             "instances_health": health,
             # Seconds of metrics given up while Redis was unreachable for over a minute.
@@ -318,6 +328,26 @@ class ModelServing(bootsteps.StartStopStep):
         self.reporter.start()
         self.health.start()
         self.loop.start()
+
+        def consumer_ready(sender: Any = None, **_: Any) -> None:
+            threading.Thread(
+                target=self._listening, args=(worker,), name="ready-check", daemon=True
+            ).start()
+
+        signals.worker_ready.connect(consumer_ready, weak=False)
+
+    def _listening(self, worker: Any, within_s: float = 10.0) -> None:
+        """Report ready once the worker answers remote control: its broadcast subscription
+        goes live a moment after Celery's "ready", and a command sent before is lost."""
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            try:
+                if worker.app.control.ping(destination=[worker.hostname], timeout=0.3):
+                    break
+            except Exception as exc:  # Redis away: the deadline still ends the wait
+                logger.debug("ready check of %s: %s", worker.hostname, exc)
+        self.reporter.ready = True
+        self.reporter.nudge()  # tell the scaler now, not at the next report
 
     def close(self, worker: Any) -> None:
         # Warm shutdown calls close() on every step before any stops: stop fetching, answer

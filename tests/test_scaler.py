@@ -81,23 +81,28 @@ def decisions(client: redis.Redis) -> list[dict[str, Any]]:
     return [json.loads(d) for d in client.lrange(keys.SCALER_DECISIONS, 0, -1)]
 
 
-def test_from_zero_burst_and_back_to_zero(scaler: Any, client: redis.Redis) -> None:
+def test_from_zero_burst_and_back_to_zero(
+    scaler: Any, client: redis.Redis, test_repo: Path, tmp_path: Path
+) -> None:
     from tasks import predict
 
+    # 20 ms per batch of 4: one instance needs about 15 s for the burst, longer than a
+    # second worker takes to start, however fast the broker path is.
+    write_slow_recorder(test_repo, tmp_path / "slow.log", delay_s=0.02)
     scaler()
     assert fleet_pids(client) == {}  # nothing to serve: no worker process at all
     started = time.monotonic()
-    first = predict.delay("tiny_mlp", np.ones(64, np.float32)).get(timeout=60)
+    first = predict.delay("slow", np.ones(4, np.float32)).get(timeout=60)
     cold_s = time.monotonic() - started
-    assert first.shape == (10,)
+    assert first.tolist() == [2.0] * 4
     assert any(d["to"] == 1 and "cold start" in d["reason"] for d in decisions(client))
 
-    results = [predict.delay("tiny_mlp", np.ones(64, np.float32)) for _ in range(3000)]
-    wait_for(lambda: instances(client, "tiny_mlp/v1") >= 2, timeout_s=60, what="a second instance")
-    assert all(r.get(timeout=120).shape == (10,) for r in results)
+    results = [predict.delay("slow", np.full(4, i, np.float32)) for i in range(3000)]
+    wait_for(lambda: instances(client, "slow/v1") >= 2, timeout_s=60, what="a second instance")
+    assert [float(r.get(timeout=120)[0]) for r in results] == [2.0 * i for i in range(3000)]
 
     wait_for(lambda: not fleet_pids(client), timeout_s=60, what="the fleet back at zero processes")
-    assert instances(client, "tiny_mlp/v1") == 0
+    assert instances(client, "slow/v1") == 0
     reasons = [d["reason"] for d in decisions(client)]
     assert any("scale_to_zero_delay" in r for r in reasons)
     print(f"\ncold start from zero (process start + load): {cold_s:.2f} s")

@@ -229,3 +229,45 @@ def test_the_load_is_exact_while_a_worker_holds_requests(
 
         wait_for(progressed, what="another batch answered before the next freeze")
     assert [float(r.get(timeout=60)[0]) for r in results] == [2.0 * i for i in range(1, 41)]
+
+
+def test_a_scale_down_keeps_its_choice_while_reports_lag(
+    client: redis.Redis, test_repo: Path
+) -> None:
+    """Workers report the cancel a moment later; in between their load changes. The next
+    tick must not pick another survivor (and cancel the one it kept)."""
+    import json
+
+    from common import keys
+    from common.contracts import ModelKey
+    from scaler.config import AutoscalerConfig
+    from scaler.loop import ScalerLoop
+    from workers import app
+
+    publish_registry(client, ModelRepository(test_repo).registry())
+    loop = ScalerLoop(
+        AutoscalerConfig(backend="static"), client=client, app=app, backend=_RecordingBackend()
+    )
+    linear = ModelKey("linear", "v1")
+    loop.store.set_override(linear, {"instances": 1})
+    model = [{"name": "linear", "version": "v1", "bytes": 1024, "load_time_s": 0.1}]
+
+    def report(busy: dict[str, int]) -> None:
+        for name, n in busy.items():
+            client.set(keys.worker_report_key(name), json.dumps({
+                "hostname": name, "queues": [keys.queue_name(*linear)], "models": model,
+                "busy": {"linear/v1": n}, "time": time.time(), "report_interval_s": 10,
+            }))  # fmt: skip
+            client.zadd(keys.WORKERS, {name: time.time() + 60})
+
+    def keepers(now: float) -> set[str]:
+        plan = loop.tick(now).plan
+        assert plan is not None
+        return {n for n, held in plan.assignments.items() if linear in held}
+
+    now = time.time()
+    report({"a": 9, "b": 1, "c": 0})
+    assert keepers(now) == {"a"}  # the busiest keeps its instance
+    report({"a": 0, "b": 1, "c": 9})  # the same queues: the cancels are not applied yet
+    assert keepers(now + 0.25) == {"a"}
+    assert keepers(now + 0.5) == {"a"}
