@@ -138,15 +138,46 @@ def first_error(replies: list[Any]) -> redis.ResponseError | None:
     return None
 
 
+# Writes ``send_unacked`` may hold back before it writes them all.
+HOLD_COUNT = 16
+HOLD_BYTES = 64 * 1024
+
+
+class Unacked:
+    """Commands written without waiting for their replies; they are counted off as later
+    reads come by (``Connection.send_unacked``)."""
+
+    __slots__ = ("commands", "error", "left", "tag")
+
+    def __init__(self, tag: Any, commands: Sequence[Command]) -> None:
+        self.tag = tag
+        self.commands = commands
+        self.left = len(commands)
+        self.error: redis.ResponseError | None = None
+
+
 class Connection:
     """A blocking RESP3 connection used by one thread at a time. ``on_push`` gets every
-    pushed message as it is read (whichever call is reading)."""
+    pushed message as it is read (whichever call is reading); ``on_acked`` every batch of
+    ``send_unacked`` commands once all its replies were read."""
 
-    def __init__(self, endpoint: Endpoint, on_push: Callable[[Push], None]) -> None:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        on_push: Callable[[Push], None],
+        on_acked: Callable[[Unacked], None] | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.on_push = on_push
+        self.on_acked = on_acked
         self._sock: socket.socket | None = None
         self._reader = hiredis.Reader()
+        self.unacked: collections.deque[Unacked] = collections.deque()
+        # What a closed connection left unacknowledged: Redis may or may not have run it.
+        self.orphans: list[Unacked] = []
+        self.last_io = 0.0
+        self._out: list[bytes] = []  # written by ``flush`` or the next write or read
+        self._out_bytes = 0
 
     @property
     def connected(self) -> bool:
@@ -168,6 +199,60 @@ class Connection:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.close()
+        self._out, self._out_bytes = [], 0  # (in ``unacked`` too: orphans now)
+        if self.unacked:
+            self.orphans += self.unacked
+            self.unacked = collections.deque()
+
+    def peer_closed(self) -> bool:
+        """Whether the server closed the connection (a restarted Redis), without waiting:
+        a write to such a socket succeeds and is lost."""
+        sock = self._sock
+        if sock is None:
+            return True
+        try:
+            sock.setblocking(False)
+            try:
+                data = sock.recv(262144)
+            finally:
+                sock.setblocking(True)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            return False
+        except OSError:
+            self.close()
+            return True
+        if not data:
+            self.close()
+            return True
+        self._reader.feed(data)
+        return False
+
+    def send_unacked(self, unacked: Unacked, *, hold: bool = False) -> bool:
+        """Write commands and go on; their replies are read by whatever reads next. With
+        ``hold``, the write may wait in a buffer for the next write, read or ``flush``
+        (a few requests in one write: one system call, and one wake-up of Redis); returns
+        whether it waits there."""
+        data = pack(unacked.commands)
+        if self._sock is None:
+            raise redis.ConnectionError("not connected")
+        self.unacked.append(unacked)
+        if hold:
+            self._out.append(data)
+            self._out_bytes += len(data)
+            if len(self._out) < HOLD_COUNT and self._out_bytes < HOLD_BYTES:
+                return True
+            data = b""
+        self._write(data)
+        return False
+
+    @property
+    def holding(self) -> bool:
+        return bool(self._out)
+
+    def flush(self) -> None:
+        """Write what ``send_unacked`` held back."""
+        if self._out:
+            self._write(b"")
 
     def execute(
         self, commands: Sequence[Command], *, timeout_s: float = 30.0, answered: int | None = None
@@ -181,11 +266,19 @@ class Connection:
     def send(self, commands: Sequence[Command]) -> None:
         """Write commands now; ``receive`` reads their replies later (the caller computes
         meanwhile)."""
+        self._write(pack(commands))
+
+    def _write(self, data: bytes) -> None:
         sock = self._sock
         if sock is None:
             raise redis.ConnectionError("not connected")
+        if self._out:  # what was held goes first: replies come in order
+            self._out.append(data)
+            data = b"".join(self._out)
+            self._out, self._out_bytes = [], 0
         try:
-            sock.sendall(pack(commands))
+            sock.sendall(data)
+            self.last_io = time.monotonic()
         except OSError as exc:
             self.close()
             raise redis.ConnectionError(f"Redis connection lost: {exc}") from exc
@@ -220,10 +313,21 @@ class Connection:
             parsed = True
             if isinstance(item, hiredis.PushNotification):
                 self.on_push(list(item))
+            elif self.unacked:  # replies come in order: these commands went out first
+                head = self.unacked[0]
+                head.left -= 1
+                if head.error is None and isinstance(item, hiredis.ReplyError):
+                    head.error = error_of(item)
+                if head.left == 0:
+                    self.unacked.popleft()
+                    if self.on_acked is not None:
+                        self.on_acked(head)
             else:
                 replies.append(item)
         if parsed:
             return True
+        if self._out:
+            self._write(b"")  # before waiting: a reply may depend on it
         left = deadline - time.monotonic()
         sock = self._sock
         if sock is None:
@@ -233,6 +337,7 @@ class Connection:
         try:
             sock.settimeout(left)
             data = sock.recv(262144)
+            self.last_io = time.monotonic()
         except TimeoutError:
             return False
         except OSError as exc:

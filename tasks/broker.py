@@ -37,6 +37,7 @@ import functools
 import json
 import os
 import socket
+import struct
 import threading
 import time
 import uuid
@@ -184,6 +185,39 @@ def encode_task_message(
             f"request of {len(body)} bytes exceeds the limit of {max_body_bytes} bytes "
             "(MAX_PAYLOAD_BYTES)"
         )
+    step = max(0, min(int(priority or 0), 9))
+    tid = task_id.encode()
+    if expires is None and not headers and len(tid) == _ID_LEN:
+        # The usual request: only its id, body and time differ from a cached template.
+        key = (task_name, queue, reply_channel, step, content_type, content_encoding)
+        if key in _templates:
+            template = _templates[key]
+        else:
+            template = _Template.build(key)
+            if len(_templates) < 1024:
+                _templates[key] = template
+        if template is not None:
+            return template.fill(tid, body, time.time())
+    return _pack_envelope(
+        task_name, task_id, body, content_type, content_encoding, queue=queue, priority=step,
+        expires=expires, reply_channel=reply_channel, headers=headers, published=time.time(),
+    )  # fmt: skip
+
+
+def _pack_envelope(
+    task_name: str,
+    task_id: str,
+    body: bytes,
+    content_type: str,
+    content_encoding: str,
+    *,
+    queue: str,
+    priority: int,
+    expires: datetime | None,
+    reply_channel: str | None,
+    headers: dict[str, Any] | None,
+    published: float,
+) -> bytes:
     message_headers: dict[str, Any] = {
         "lang": "py",
         "task": task_name,
@@ -204,7 +238,7 @@ def encode_task_message(
         "replaced_task_nesting": 0,
         "stamped_headers": None,
         "stamps": {},
-        PUBLISHED_HEADER: time.time(),
+        PUBLISHED_HEADER: published,
     }
     if reply_channel is not None:
         message_headers[REPLY_HEADER] = reply_channel
@@ -215,7 +249,7 @@ def encode_task_message(
         "reply_to": reply_channel or "",
         "delivery_mode": 2,
         "delivery_info": {"exchange": "", "routing_key": queue},
-        "priority": max(0, min(int(priority or 0), 9)),
+        "priority": priority,
         "body_encoding": BINARY,
         "delivery_tag": task_id,
     }
@@ -234,6 +268,61 @@ def encode_task_message(
             use_bin_type=True,
         )
     )
+
+
+_ID_LEN = 36  # a UUID's text: the ids this project makes, and Celery's
+_ID_MARK = "\x01" * _ID_LEN
+_TIME_MARK = 5e-324  # packed as 0xcb 00 00 00 00 00 00 00 01
+_FLOAT = struct.Struct(">d")
+
+
+class _Template:
+    """An envelope packed once with marks where the task id and the publish time go,
+    cut there: a message is its pieces joined (byte for byte what ``_pack_envelope``
+    packs)."""
+
+    def __init__(self, prefix: bytes, before: list[bytes], after: list[bytes]) -> None:
+        self.prefix, self.before, self.after = prefix, before, after
+
+    @classmethod
+    def build(cls, key: tuple[Any, ...]) -> _Template | None:
+        task_name, queue, reply_channel, priority, content_type, content_encoding = key
+        packed = _pack_envelope(
+            task_name, _ID_MARK, b"", content_type, content_encoding, queue=queue,
+            priority=priority, expires=None, reply_channel=reply_channel, headers=None,
+            published=_TIME_MARK,
+        )  # fmt: skip
+        prefix = b"\x85" + msgpack.packb("body") + b"\xc4\x00"  # a map of 5; body first
+        time_mark = msgpack.packb(_TIME_MARK)
+        id_mark = _ID_MARK.encode()
+        rest = packed[len(prefix) :]
+        if not packed.startswith(prefix) or rest.count(time_mark) != 1 or rest.count(id_mark) != 4:
+            return None  # a mark's bytes occur elsewhere: pack each message in full
+        before, after = rest.split(time_mark)
+        return cls(prefix[:-2], before.split(id_mark), after.split(id_mark))
+
+    def fill(self, task_id: bytes, body: bytes, published: float) -> bytes:
+        n = len(body)
+        if n < 0x100:
+            head = b"\xc4" + n.to_bytes(1, "big")
+        elif n < 0x10000:
+            head = b"\xc5" + n.to_bytes(2, "big")
+        else:
+            head = b"\xc6" + n.to_bytes(4, "big")
+        return b"".join(
+            (
+                self.prefix,
+                head,
+                body,
+                task_id.join(self.before),
+                b"\xcb",
+                _FLOAT.pack(published),
+                task_id.join(self.after),
+            )
+        )
+
+
+_templates: dict[tuple[Any, ...], _Template | None] = {}
 
 
 def read_envelope(raw: bytes) -> dict[str, Any]:
@@ -361,8 +450,11 @@ def _too_large(size: int, limit: int) -> PayloadTooLargeError:
 
 
 # -- Celery's result layout ------------------------------------------------------------------
-def result_meta(app: Any, task_id: str, state: str, value: Any) -> bytes:
-    """A result as Celery's Redis backend stores it (``value`` an exception for failures)."""
+def result_meta(
+    app: Any, task_id: str, state: str, value: Any, *, date_done: str | None = None
+) -> bytes:
+    """A result as Celery's Redis backend stores it (``value`` an exception for failures;
+    ``date_done`` defaults to now)."""
     backend = app.backend
     if state in states.EXCEPTION_STATES:
         value = backend.prepare_exception(value)
@@ -371,7 +463,7 @@ def result_meta(app: Any, task_id: str, state: str, value: Any) -> bytes:
         "result": value,
         "traceback": None,
         "children": [],
-        "date_done": datetime.now(timezone.utc).isoformat(),
+        "date_done": date_done or datetime.now(timezone.utc).isoformat(),
         "task_id": task_id,
     }
     if backend.serializer == codec.SERIALIZER:  # the hot path, without the registry
@@ -388,23 +480,49 @@ def decode_result(backend: Any, raw: bytes) -> dict[str, Any]:
     return dict(backend.meta_from_decoded(meta))
 
 
-def reply_payload(task_id: str, meta: bytes) -> bytes:
-    """What a reply channel carries: the task id, a newline, the stored result."""
-    return task_id.encode() + b"\n" + meta
+def reply_payload(results: Sequence[tuple[str, bytes]]) -> bytes:
+    """What a reply channel carries: task ids and their stored results, packed as one
+    msgpack array ``[id, result, id, result, ...]`` (a batch's results for one producer
+    process in one message)."""
+    return bytes(msgpack.packb([x for pair in results for x in pair], use_bin_type=True))
 
 
-def split_reply(payload: bytes) -> tuple[str, bytes]:
-    task_id, _, meta = payload.partition(b"\n")
-    return task_id.decode(), meta
+def split_reply(payload: bytes) -> list[tuple[str, bytes]]:
+    """A reply channel's message as (task id, stored result) pairs; none if malformed."""
+    try:
+        items = msgpack.unpackb(payload, raw=False)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        return []
+    if not isinstance(items, list) or len(items) % 2:
+        return []
+    pairs = list(zip(items[::2], items[1::2], strict=True))
+    return [(t, m) for t, m in pairs if isinstance(t, str) and isinstance(m, bytes)]
+
+
+def results_commands(
+    results: Sequence[tuple[str, bytes, str | None]], *, expires_s: int
+) -> list[tuple[Any, ...]]:
+    """Store results, then announce them to whoever waits: one message per producer's
+    reply channel, or Celery's per-task channel for a request that names none."""
+    commands: list[tuple[Any, ...]] = [
+        ("SETEX", result_key(task_id), expires_s, meta) for task_id, meta, _ in results
+    ]
+    by_channel: dict[str, list[tuple[str, bytes]]] = {}
+    for task_id, meta, channel in results:
+        if channel is None:
+            commands.append(("PUBLISH", result_key(task_id), meta))
+        else:
+            by_channel.setdefault(channel, []).append((task_id, meta))
+    for channel, pairs in by_channel.items():
+        commands.append(("PUBLISH", channel, reply_payload(pairs)))
+    return commands
 
 
 def result_commands(
     task_id: str, meta: bytes, *, expires_s: int, reply_channel: str | None
 ) -> list[tuple[Any, ...]]:
-    """Store a result, then announce it to whoever waits for it."""
-    channel = reply_channel or result_key(task_id)
-    payload = reply_payload(task_id, meta) if reply_channel else meta
-    return [("SETEX", result_key(task_id), expires_s, meta), ("PUBLISH", channel, payload)]
+    """Store one result, then announce it."""
+    return results_commands([(task_id, meta, reply_channel)], expires_s=expires_s)
 
 
 class InferenceResult(AsyncResult):
@@ -837,6 +955,34 @@ def give_back_command(consumer: ConsumerState, tags: Sequence[str]) -> tuple[Any
 
 def give_back(execute: Execute, consumer: ConsumerState, tags: Sequence[str]) -> int:
     return int(execute([give_back_command(consumer, tags)])[0]) if tags else 0
+
+
+# KEYS: the result key, leases, the lists the message may wait in. ARGV: the message, held
+# prefix. 1 if Redis has the request (answered, waiting or held), else 0.
+_PRESENT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 1 end
+for i = 3, #KEYS do
+  if redis.call('LPOS', KEYS[i], ARGV[1]) then return 1 end
+end
+local n = #ARGV[1]
+for _, holder in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  for _, held in ipairs(redis.call('HVALS', ARGV[2] .. holder)) do
+    if string.sub(held, -n) == ARGV[1] then return 1 end
+  end
+end
+return 0
+"""
+
+
+def presence_command(
+    task_id: str, queue: str, shared_queue: str, message: bytes
+) -> tuple[Any, ...]:
+    """Whether Redis has a request whose publish was never acknowledged (its connection
+    was lost): answered, waiting in its queue or its shared queue, or held by a worker.
+    A scan, for the rare reconnect only."""
+    lists = dict.fromkeys([*queue_lists(queue), *queue_lists(shared_queue)])
+    keys_ = [result_key(task_id), keys.LEASES, *lists]
+    return ("EVAL", _PRESENT, len(keys_), *keys_, message, keys.HELD_PREFIX)
 
 
 def renew_command(consumer: str, lease_s: float) -> tuple[Any, ...]:

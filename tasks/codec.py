@@ -65,21 +65,38 @@ def _default(obj: Any) -> Any:
     raise TypeError(f"cannot encode {type(obj).__name__} (only JSON-like values and arrays)")
 
 
-def _ext_hook(code: int, data: bytes) -> Any:
-    if code not in (EXT_NDARRAY, EXT_TORCH):
-        raise ValueError(f"unknown msgpack extension {code}")
-    (size,) = _HEADER.unpack_from(data)
-    dtype_str, shape = msgpack.unpackb(data[_HEADER.size : _HEADER.size + size])
+# Array headers seen, checked: header bytes -> (dtype, shape, byte count).
+_read_headers: dict[bytes, tuple[np.dtype[Any], tuple[int, ...], int]] = {}
+
+
+def _array_header(header: bytes) -> tuple[np.dtype[Any], tuple[int, ...], int]:
+    known = _read_headers.get(header)
+    if known is not None:
+        return known
+    dtype_str, shape = msgpack.unpackb(header)
     dtype = _WIRE_DTYPES.get(dtype_str) if isinstance(dtype_str, str) else None
     if dtype is None:
         raise ValueError(f"array dtype {dtype_str!r} is not allowed")
     if not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
         raise ValueError(f"array shape {shape!r} is not a list of sizes")
+    known = (dtype, tuple(shape), math.prod(shape) * dtype.itemsize)
+    if len(_read_headers) < 1024:  # the shapes a model sees are few
+        _read_headers[header] = known
+    return known
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code not in (EXT_NDARRAY, EXT_TORCH):
+        raise ValueError(f"unknown msgpack extension {code}")
+    (size,) = _HEADER.unpack_from(data)
     offset = _HEADER.size + size
-    count = math.prod(shape)
-    if count * dtype.itemsize != len(data) - offset:
-        raise ValueError(f"array of {dtype} {shape} does not match its {len(data) - offset} bytes")
-    array = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(tuple(shape))
+    dtype, shape, nbytes = _array_header(data[_HEADER.size : offset])
+    if nbytes != len(data) - offset:
+        raise ValueError(
+            f"array of {dtype} {list(shape)} does not match its {len(data) - offset} bytes"
+        )
+    array = np.frombuffer(data, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset)
+    array = array.reshape(shape)
     if code == EXT_TORCH:
         import torch
 

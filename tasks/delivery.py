@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import redis
@@ -99,8 +100,9 @@ class Completer:
         worker killed between the two needs (it redelivers, it never loses)."""
         if not outcomes:
             return []
-        commands: list[tuple[Any, ...]] = []
+        results: list[tuple[str, bytes, str | None]] = []
         deliveries: list[Delivery] = []
+        date_done = datetime.now(timezone.utc).isoformat()  # one batch, one time
         for outcome in outcomes:
             delivery: Delivery = outcome.item.ticket
             deliveries.append(delivery)
@@ -111,11 +113,9 @@ class Completer:
             else:
                 revoked = isinstance(outcome.error, TaskRevokedError)
                 state, value = (states.REVOKED if revoked else states.FAILURE), outcome.error
-            meta = broker.result_meta(self.app, delivery.task_id, state, value)
-            commands += broker.result_commands(
-                delivery.task_id, meta, expires_s=self.expires_s,
-                reply_channel=delivery.reply_channel,
-            )  # fmt: skip
+            meta = broker.result_meta(self.app, delivery.task_id, state, value, date_done=date_done)
+            results.append((delivery.task_id, meta, delivery.reply_channel))
+        commands = broker.results_commands(results, expires_s=self.expires_s)
         done = [(d.tag, d.source.label) for d in deliveries]
         commands.append(broker.ack_command(self.loop.consumer, done))
         return commands + self._in_flight_commands(deliveries)

@@ -78,7 +78,10 @@ class PredictTask(Task):
     ) -> Any:
         if producer is not None or link is not None or link_error is not None or shadow:
             raise TypeError(f"{self.name} does not support producer, link, link_error or shadow")
-        call = self.call_for(args, kwargs, {**options, "task_id": task_id})
+        if not options and not kwargs and args is not None and len(args) == 2:
+            call = Call(args[0], args[1], single=self.name == PREDICT, task_id=task_id)
+        else:
+            call = self.call_for(args, kwargs, {**options, "task_id": task_id})
         return shared_producer().send(call, self.app)
 
     async def aio(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from tasks import broker, codec
 from tasks.balancing import Balancer, Route
 from tasks.replies import AsyncChannel, replies_for
 from tasks.routing import (
+    POKE_INTERVAL_S,
     PREDICT,
     PREDICT_BATCH,
     Commands,
@@ -69,6 +71,13 @@ class Prepared:
     version: str
     route: Route
     commands: Commands
+    message: bytes
+
+    def presence(self) -> tuple[Any, ...]:
+        """A command answering 1 if Redis has this request (answered, waiting or held)."""
+        return broker.presence_command(
+            self.task_id, self.route.queue, self.route.shared_queue, self.message
+        )
 
 
 class Producer:
@@ -82,6 +91,12 @@ class Producer:
         self.links = ThreadLinks(self.settings.redis_url, resend_once=True)
         self._one_server = self.settings.backend_url == self.settings.redis_url
         self._prioritised: set[str] = set()
+        # (model, version asked) -> (until, version, route): where the last request went,
+        # while no lookup could have changed it (the shortest of the caches' lifetimes).
+        self._hot: dict[tuple[str, str | None], tuple[float, str, Route]] = {}
+        self._hot_s = min(
+            self.settings.registry_cache_s, self.balancer.ttl_s, self.served.ttl_s, POKE_INTERVAL_S
+        )
 
     def run(self, reads: Reads[T]) -> T:
         """Drive a lookup on this thread's connection."""
@@ -97,8 +112,12 @@ class Producer:
                 f"inputs of at least {size} bytes exceed the limit of {self.max_payload_bytes} "
                 "bytes (MAX_PAYLOAD_BYTES)"
             )
-        version = yield from self.registry.resolve(call.model, call.version)
-        route = yield from self.balancer.route(call.model, version, call.inputs, call.key)
+        hot = self._hot.get((call.model, call.version))
+        if hot is not None and hot[0] > time.monotonic():
+            _, version, route = hot
+        else:
+            version = yield from self.registry.resolve(call.model, call.version)
+            route = yield from self.balancer.route(call.model, version, call.inputs, call.key)
         task_id = call.task_id or broker.new_task_id()
         message = broker.encode_task_message(
             PREDICT if call.single else PREDICT_BATCH,
@@ -122,11 +141,25 @@ class Producer:
         in_flight = route.in_flight_command(call.model, version)
         if in_flight is not None:
             commands.append(in_flight)
-        text = keys.model_key_text(call.model, version)
-        if (yield from self.served.poke_due(text)):
-            # After the message: the woken scaler finds it queued.
-            commands.append(("PUBLISH", keys.SCALER_POKE, text))
-        return Prepared(task_id, call.model, version, route, commands)
+        if hot is None or hot[0] <= time.monotonic():
+            text = keys.model_key_text(call.model, version)
+            if (yield from self.served.poke_due(text)):
+                # After the message: the woken scaler finds it queued.
+                commands.append(("PUBLISH", keys.SCALER_POKE, text))
+            # Pokes go out at most once a second, which no hot entry outlives.
+            if (
+                self._hot_s > 0
+                and route.instance is None
+                and (call.version is not None or not self.registry.splits(call.model))
+            ):
+                if len(self._hot) > 1024:
+                    self._hot.clear()
+                self._hot[(call.model, call.version)] = (
+                    time.monotonic() + self._hot_s,
+                    version,
+                    route,
+                )
+        return Prepared(task_id, call.model, version, route, commands, message)
 
     def send(self, call: Call, app: Any) -> broker.InferenceResult:
         """Publish from this thread; the result comes back on the thread's channel (the
@@ -140,7 +173,10 @@ class Producer:
             raise BrokerUnavailableError(f"Redis is unreachable: {exc}") from exc
         waiter = hub.expect(prepared.task_id, channel)
         try:
-            execute(prepared.commands)
+            if self._one_server:
+                channel.publish(prepared)  # acknowledged with the results that follow
+            else:
+                execute(prepared.commands)
         except redis.RedisError as exc:
             hub.discard(prepared.task_id)
             raise BrokerUnavailableError(

@@ -19,6 +19,7 @@ read from its key, polled with back-off.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import logging
 import os
@@ -27,14 +28,14 @@ import time
 import uuid
 import weakref
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 
 from common import keys
 from common.errors import BrokerUnavailableError
 from common.redis import Outage, redis_client
-from common.resp3 import AsyncConnection, Connection, Endpoint, Push
+from common.resp3 import AsyncConnection, Connection, Endpoint, Push, Unacked
 from tasks import broker
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,18 @@ logger = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 10.0
 # A thread reading another thread's channel gives the socket back this often.
 READ_SLICE_S = 0.05
+# Requests a thread may have written that Redis has not acknowledged yet; then it reads.
+MAX_UNACKED = 256
+# A connection idle this long is checked before a request is written on it (a write to a
+# connection a restarted Redis closed succeeds, and is lost).
+STALE_CHECK_S = 0.5
+# Requests whose acknowledgement a lost connection took along are sent again when it is
+# made again; they fail if Redis stays unreachable this long.
+ORPHAN_GRACE_S = 2.0
+# How often the flusher looks for held requests while there are any, and how long it
+# keeps looking after the last.
+FLUSH_TICK_S = 0.001
+FLUSH_QUIET_S = 0.05
 
 
 def _new_channel() -> str:
@@ -56,35 +69,56 @@ def _run_id(info: Any) -> str:
     return ""
 
 
-def _message(push: Push) -> tuple[str, bytes] | None:
+def _results(push: Push) -> list[tuple[str, bytes]]:
+    """The (task id, stored result) pairs a pushed reply-channel message carries."""
     if len(push) == 3 and push[0] == b"message":
         return broker.split_reply(push[2])
-    return None
+    return []
+
+
+class Published(Protocol):
+    """A request written on a channel: what to send again if its acknowledgement is lost."""
+
+    @property
+    def task_id(self) -> str: ...
+
+    @property
+    def commands(self) -> Sequence[tuple[Any, ...]]: ...
+
+    def presence(self) -> tuple[Any, ...]:
+        """A command answering 1 if Redis has the request."""
 
 
 class _Waiter:
-    __slots__ = ("__weakref__", "channel", "generation", "raw")
+    __slots__ = ("__weakref__", "channel", "error", "generation", "raw")
 
     def __init__(self, channel: ThreadChannel) -> None:
         self.channel = channel
         self.generation = channel.generation
-        self.raw: bytes | None = None
+        self.raw: bytes | None = None  # b"" with ``error`` set: it failed here
+        self.error: Exception | None = None
 
 
 class ThreadChannel:
     """One thread's connection: its requests go out and their results come back on it.
-    Another thread waiting for one of those results reads it here too, one at a time."""
+    Another thread waiting for one of those results reads it here too, one at a time.
+
+    A request is written and not waited for: Redis's acknowledgement comes back in order
+    with the results, and is read by whichever read comes next. A refusal fails the
+    request's call. A connection lost before the acknowledgement came is made again and the
+    request sent again, unless Redis has it (answered, waiting or held: ``presence``)."""
 
     def __init__(self, hub: ReplyHub) -> None:
         self.hub = hub
         self.name = _new_channel()
-        self.conn = Connection(hub.endpoint, self._on_push)
+        self.conn = Connection(hub.endpoint, self._on_push, self._on_acked)
         self.generation = 0
         self._run_id: str | None = None
         self._cond = threading.Condition()
         self._busy = False
         self._sleepers = 0  # threads waiting for the socket
         self._resolved_elsewhere = False
+        self._lost_at: float | None = None  # when unacknowledged requests lost their connection
         self.owner = threading.get_ident()
         self.outage = Outage("reply channel")
 
@@ -110,18 +144,32 @@ class ThreadChannel:
             self._cond.notify_all()
 
     def _on_push(self, push: Push) -> None:
-        message = _message(push)
-        if message is not None and self.hub.resolve(*message):
+        for task_id, meta in _results(push):
+            if self.hub.resolve(task_id, meta):
+                self._resolved_elsewhere = True
+
+    def _on_acked(self, unacked: Unacked) -> None:
+        if unacked.error is not None:
+            self._not_queued(unacked.tag, f"Redis refused it: {unacked.error}")
+
+    def _not_queued(self, request: Published, why: str) -> None:
+        logger.warning("request %s was not queued: %s", request.task_id, why)
+        error = BrokerUnavailableError(f"request {request.task_id} was not queued: {why}")
+        if self.hub.fail(request.task_id, error):
             self._resolved_elsewhere = True
 
     # -- connection -------------------------------------------------------------------------
     def _connect(self) -> None:
-        (info,) = self.conn.open([self.name], [("INFO", "server")])
+        # Named after its reply channel: CLIENT LIST tells producers apart.
+        _, info = self.conn.open(
+            [self.name], [("CLIENT", "SETNAME", self.name), ("INFO", "server")]
+        )
         run_id = _run_id(info)
         if self._run_id is not None and run_id != self._run_id:
             self.generation += 1
         self._run_id = run_id
         self.outage.ok()
+        self._send_again()
         pending = self.hub.pending(self)
         for i in range(0, len(pending), 1000):
             chunk = pending[i : i + 1000]
@@ -129,6 +177,81 @@ class ThreadChannel:
             for task_id, raw in zip(chunk, raws, strict=True):
                 if raw is not None:
                     self.hub.resolve(task_id, keys.raw_bytes(raw))
+
+    def _send_again(self) -> None:
+        """Requests the lost connection took unacknowledged: sent again unless Redis has
+        them (it ran them before the connection went, or kept them over a restart)."""
+        orphans, self.conn.orphans = self.conn.orphans, []
+        if not orphans:
+            return
+        try:
+            present = self.conn.execute([o.tag.presence() for o in orphans])
+        except redis.RedisError:
+            self.conn.orphans[:0] = orphans
+            raise
+        for i, (orphan, here) in enumerate(zip(orphans, present, strict=True)):
+            self.hub.renew(orphan.tag.task_id, self.generation)
+            if here:
+                continue
+            try:
+                self.conn.send_unacked(Unacked(orphan.tag, orphan.commands))
+            except redis.RedisError:
+                self.conn.orphans[:0] = orphans[i:]
+                raise
+        self._lost_at = None
+
+    def _reconnect_failed(self, exc: BaseException) -> None:
+        """Requests left unacknowledged fail once Redis stayed away a while: whether it has
+        them cannot be known."""
+        if not self.conn.orphans:
+            return
+        now = time.monotonic()
+        if self._lost_at is None:
+            self._lost_at = now
+        if now - self._lost_at >= ORPHAN_GRACE_S:
+            orphans, self.conn.orphans = self.conn.orphans, []
+            for orphan in orphans:
+                self._not_queued(
+                    orphan.tag, f"Redis became unreachable before it acknowledged it ({exc})"
+                )
+            self._lost_at = None
+
+    def publish(self, request: Published) -> None:
+        """Write a request and return (see the class). Raises only if it was not written."""
+        self._acquire(None)
+        try:
+            conn = self.conn
+            sent = False
+            for attempt in (1, 2):
+                try:
+                    if (
+                        attempt == 2
+                        or not conn.connected
+                        or (time.monotonic() - conn.last_io > STALE_CHECK_S and conn.peer_closed())
+                    ):
+                        self._connect()
+                    if not sent:
+                        # The first request of a burst goes out at once; the ones behind
+                        # it, while it is unacknowledged, go out together: when this
+                        # thread next reads, a few requests later, or from the flusher.
+                        burst = bool(conn.unacked)
+                        if conn.send_unacked(Unacked(request, request.commands), hold=burst):
+                            _flusher.due(self.hub)
+                        sent = True
+                    # Redis's output buffer for this connection stays small.
+                    if len(conn.unacked) > MAX_UNACKED and not conn.read(
+                        lambda: len(conn.unacked) <= MAX_UNACKED // 2, 30.0
+                    ):
+                        raise redis.ConnectionError("Redis acknowledged nothing for 30 s")
+                    return
+                except redis.ConnectionError as exc:
+                    conn.close()
+                    if attempt == 2:
+                        self._reconnect_failed(exc)
+                        if not sent:
+                            raise
+        finally:
+            self._release()
 
     def execute(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
         """Commands on this thread's connection (reconnecting once: a restarted Redis
@@ -141,11 +264,43 @@ class ThreadChannel:
                     if not reused:
                         self._connect()
                     return self.conn.execute(commands)
-                except redis.ConnectionError:
+                except redis.ConnectionError as exc:
                     self.conn.close()
                     if attempt == 2 or not reused:
+                        self._reconnect_failed(exc)
                         raise
             raise AssertionError("unreachable")
+        finally:
+            self._release()
+
+    def write_held(self) -> bool:
+        """Write what ``publish`` held back; False if another call holds the socket."""
+        if not self.conn.holding:
+            return True
+        if not self._acquire(time.monotonic()):
+            return False
+        try:
+            self.conn.flush()
+        except redis.ConnectionError:
+            self.conn.close()
+            try:
+                self._connect()  # and send again what the lost connection took along
+            except redis.RedisError as exc:
+                self.conn.close()
+                self._reconnect_failed(exc)
+        finally:
+            self._release()
+        return True
+
+    def flush(self, timeout_s: float) -> None:
+        """Read until Redis acknowledged every request written here (at exit)."""
+        if not self.conn.unacked or not self._acquire(time.monotonic() + timeout_s):
+            return
+        try:
+            conn = self.conn
+            conn.read(lambda: not conn.unacked, timeout_s)
+        except redis.RedisError as exc:
+            logger.warning("requests written at exit may not have been queued: %s", exc)
         finally:
             self._release()
 
@@ -160,7 +315,12 @@ class ThreadChannel:
                 if waiter.raw is not None:
                     return
                 if not self.conn.connected:
-                    self._connect()
+                    try:
+                        self._connect()
+                    except redis.RedisError as exc:
+                        self.conn.close()
+                        self._reconnect_failed(exc)
+                        raise
                 left = None if deadline is None else deadline - time.monotonic()
                 # Give the socket back when results for threads waiting came, and now and
                 # then if this is not the thread that publishes on it.
@@ -182,6 +342,65 @@ class ThreadChannel:
                 self._release()
 
 
+class _Flusher:
+    """Writes the requests threads held back when they do not come back to it soon. It
+    is woken by the first held request after a quiet spell, then looks every
+    ``FLUSH_TICK_S`` while requests are held (a thread's next read usually writes them
+    first), and sleeps again when none were held for ``FLUSH_QUIET_S``: no wake-up per
+    request. A held request waits a millisecond or two, or Python's switch interval when
+    its thread runs Python code without a pause."""
+
+    def __init__(self) -> None:
+        self._hubs: weakref.WeakSet[ReplyHub] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._armed = False
+        self._thread: threading.Thread | None = None
+
+    def due(self, hub: ReplyHub) -> None:
+        if self._armed:
+            return
+        with self._lock:
+            self._hubs.add(hub)
+            self._armed = True
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="inference-flusher", daemon=True
+                )
+                self._thread.start()
+        self._wake.set()
+
+    def _write_held(self) -> bool:
+        """True if any channel still holds requests (its socket was in use)."""
+        held = False
+        for hub in list(self._hubs):
+            for channel in hub.channels():
+                if channel.conn.holding and not channel.write_held():
+                    held = True
+        return held
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            quiet_since = time.monotonic()
+            while True:
+                time.sleep(FLUSH_TICK_S)
+                if self._write_held() or any(
+                    c.conn.holding for h in list(self._hubs) for c in h.channels()
+                ):
+                    quiet_since = time.monotonic()
+                elif time.monotonic() - quiet_since > FLUSH_QUIET_S:
+                    self._armed = False
+                    # A request held just before the flag fell found it still up.
+                    if not self._write_held():
+                        break
+                    self._armed = True
+
+
+_flusher = _Flusher()
+
+
 class ReplyHub:
     """A producer process's results for synchronous callers: a channel per thread."""
 
@@ -192,6 +411,7 @@ class ReplyHub:
         self._waiters: weakref.WeakValueDictionary[str, _Waiter] = weakref.WeakValueDictionary()
         self._local = threading.local()
         self._lock = threading.Lock()
+        self._channels: weakref.WeakSet[ThreadChannel] = weakref.WeakSet()
 
     def channel(self) -> ThreadChannel:
         """This thread's channel, subscribed before its first request goes out."""
@@ -205,6 +425,7 @@ class ReplyHub:
                     f"no reply channel: Redis at {redis_url_for_logs(self.url)}: {exc}"
                 ) from exc
             self._local.channel = channel
+            self._channels.add(channel)
         return channel
 
     def expect(self, task_id: str, channel: ThreadChannel) -> _Waiter:
@@ -224,12 +445,33 @@ class ReplyHub:
         waiter.raw = meta
         return True
 
+    def fail(self, task_id: str, error: Exception) -> bool:
+        """A request that never reached a queue: its call raises ``error``."""
+        waiter = self._waiters.get(task_id)
+        if waiter is None or waiter.raw is not None:
+            return False
+        waiter.error, waiter.raw = error, b""
+        return True
+
+    def renew(self, task_id: str, generation: int) -> None:
+        """A request sent again to (or found in) the Redis of this generation."""
+        waiter = self._waiters.get(task_id)
+        if waiter is not None:
+            waiter.generation = generation
+
+    def channels(self) -> list[ThreadChannel]:
+        return list(self._channels)
+
+    def flush(self, timeout_s: float = 5.0) -> None:
+        for channel in self.channels():
+            channel.flush(timeout_s)
+
     def pending(self, channel: ThreadChannel) -> list[str]:
         return [t for t, w in list(self._waiters.items()) if w.channel is channel and w.raw is None]
 
     def peek(self, task_id: str) -> bytes | None:
         waiter = self._waiters.get(task_id)
-        return waiter.raw if waiter is not None else None
+        return waiter.raw if waiter is not None and waiter.error is None else None
 
     def wait(self, task_id: str, timeout: float | None) -> bytes:
         waiter = self._waiters.get(task_id)
@@ -238,6 +480,8 @@ class ReplyHub:
         if waiter.raw is None:
             deadline = None if timeout is None else time.monotonic() + max(timeout, 0)
             waiter.channel.wait(waiter, deadline)
+        if waiter.error is not None:
+            raise waiter.error
         if waiter.raw is not None:
             return waiter.raw
         stored = self._stored(task_id)
@@ -276,8 +520,25 @@ def redis_url_for_logs(url: str) -> str:
 
 _hubs: dict[str, ReplyHub] = {}
 _hubs_lock = threading.Lock()
-# A forked child connects on its own: the parent's connections did not come along.
-os.register_at_fork(after_in_child=_hubs.clear)
+
+
+def _after_fork_in_child() -> None:
+    """A forked child connects on its own: the parent's connections and threads did not
+    come along."""
+    global _flusher
+    _hubs.clear()
+    _flusher = _Flusher()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    """A process that exits right after ``delay()`` reads Redis's acknowledgements first:
+    a refusal is logged, and the requests are not cut off with the connection."""
+    for hub in list(_hubs.values()):
+        hub.flush()
 
 
 def replies_for(url: str | None = None) -> ReplyHub:
@@ -377,11 +638,10 @@ class AsyncChannel:
             self._futures.pop(task_id, None)
 
     def _on_push(self, push: Push) -> None:
-        message = _message(push)
-        if message is not None:
-            entry = self._futures.get(message[0])
+        for task_id, meta in _results(push):
+            entry = self._futures.get(task_id)
             if entry is not None and not entry[0].done():
-                entry[0].set_result(message[1])
+                entry[0].set_result(meta)
 
     async def _keep(self) -> None:
         while True:

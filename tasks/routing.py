@@ -103,9 +103,21 @@ class RegistryView:
             )
         return version
 
+    def splits(self, name: str) -> bool:
+        """Whether the cached entry picks a version per request (a traffic split)."""
+        cached = self._entries.get(name)
+        if cached is None:
+            return True
+        entry = cached[1]
+        return sum(1 for v, w in entry.get("traffic", {}).items() if w > 0) > 1
+
     def forget(self) -> None:
         with self._lock:
             self._entries.clear()
+
+
+# A producer pokes the scaler about a version nobody serves at most this often.
+POKE_INTERVAL_S = 1.0
 
 
 class ServedView:
@@ -113,7 +125,7 @@ class ServedView:
     every ``ttl_s``: a request for any other version pokes the scaler (a cold start)."""
 
     def __init__(self, *, ttl_s: float) -> None:
-        self._ttl_s = ttl_s
+        self.ttl_s = self._ttl_s = ttl_s
         self._served: frozenset[str] = frozenset()
         self._at = -1e9
         self._poked: dict[str, float] = {}
@@ -123,7 +135,7 @@ class ServedView:
         if now - self._at >= self._ttl_s:
             (members,) = yield [("SMEMBERS", keys.SERVED)]
             self._served, self._at = frozenset(keys.text(m) for m in members), now
-        if text in self._served or now - self._poked.get(text, -1e9) < 1.0:
+        if text in self._served or now - self._poked.get(text, -1e9) < POKE_INTERVAL_S:
             return False
         if len(self._poked) > 10_000:
             self._poked.clear()

@@ -231,3 +231,28 @@ def test_a_pickle_published_through_kombu_is_refused_by_the_decoder(client: redi
     with pytest.raises(broker.Refused, match="not accepted") as refused:
         broker.decode_task_message(fetched.raw, accept=["json", "tensor"], max_body_bytes=1 << 20)
     assert refused.value.task_id == "p-1"
+
+
+def test_presence_finds_a_request_wherever_redis_keeps_it(client: redis.Redis) -> None:
+    """What decides whether a request whose acknowledgement was lost is sent again."""
+    state = consumer()
+    instance = keys.instance_queue("linear", "v1", "w1@h")
+    message = b"the message"
+
+    def present(queue: str = QUEUE) -> bool:
+        return bool(broker.run(client, [broker.presence_command("p-1", queue, QUEUE, message)])[0])
+
+    assert not present()
+    broker.run(client, broker.publish_commands(QUEUE, 6, b"another"))
+    assert not present()
+    broker.run(client, broker.publish_commands(QUEUE, 6, message))  # a priority sub-list
+    assert present()
+    (fetched,) = [f for f in broker.fetch(execute(client), state, 10, 30) if f.raw == message]
+    assert client.llen(broker.priority_list(QUEUE, 6)) == 0 and present()  # held
+    broker.run(client, [broker.ack_command(state, [(fetched.tag, LABEL)])])
+    assert not present()
+    broker.run(client, broker.publish_commands(instance, 0, message))  # routed to an instance
+    assert present(instance)
+    client.delete(instance)
+    broker.run(client, broker.result_commands("p-1", b"meta", expires_s=60, reply_channel=None))
+    assert present()  # answered
