@@ -109,6 +109,11 @@ def run(env: dict[str, str], repo: Path, logs: Path) -> list[Row]:
         aio = run_load(
             env, "--aio", "--model", "tiny_mlp", "--outstanding", "256", "--seconds", str(seconds)
         )
+        start_at = time.time() + 10
+        four_aio = run_loads(
+            env, 4, "--aio", "--model", "tiny_mlp", "--outstanding", "64",
+            "--seconds", str(seconds), "--start-at", str(start_at),
+        )  # fmt: skip
     finally:
         worker.stop()
 
@@ -161,6 +166,13 @@ def run(env: dict[str, str], repo: Path, logs: Path) -> list[Row]:
         Row.of(
             "tiny_mlp: 4 producer processes, 64 outstanding each",
             sum(f["throughput"] for f in four),
+            "inputs/s",
+            drain,
+            "the worker's drain rate",
+        ),
+        Row.of(
+            "tiny_mlp: 4 producer processes, asyncio client, 64 in flight each",
+            sum(f["throughput"] for f in four_aio),
             "inputs/s",
             drain,
             "the worker's drain rate",

@@ -61,7 +61,10 @@ class RejectedMessageError(InferenceError):
 
 
 class BrokerUnavailableError(InferenceError, ConnectionError):
-    """Redis could not be reached to queue a request: nothing was queued."""
+    """A request was not queued: Redis could not be reached or refused it (out of memory,
+    read-only). Raised by ``delay()``, or, for a request written before Redis answered, by
+    ``get()``: Redis went away before acknowledging it and stayed away, so whether it was
+    queued cannot be known; it was not sent twice."""
 
 
 class RequestLostError(InferenceError, CeleryTimeoutError):

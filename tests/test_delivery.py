@@ -92,6 +92,21 @@ def test_warm_shutdown_finishes_or_returns_its_requests(
     assert sum(c - 1 for c in counts.values() if c > 1) == 0
 
 
+def test_a_revoked_request_is_answered_revoked_and_never_runs(
+    start_worker: Any, test_repo: Path, tmp_path: Path
+) -> None:
+    from celery.exceptions import TaskRevokedError
+
+    log = tmp_path / "slow.log"
+    _, _, results = busy_worker(start_worker, test_repo, log, rows_done=1)
+    revoked = results[-1]
+    revoked.revoke()
+    with pytest.raises(TaskRevokedError, match="revoked"):
+        revoked.get(timeout=90)
+    assert collect(results[:-1]) == {i: 2.0 * i for i in range(1, N_REQUESTS)}
+    assert executions(log)[N_REQUESTS] == 0
+
+
 def test_report_disappears_when_the_worker_dies(start_worker: Any, client: redis.Redis) -> None:
     worker = start_worker("mortal", queues=[keys.queue_name("linear", "v1")])
     assert client.exists(keys.worker_report_key(worker.hostname))
