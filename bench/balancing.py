@@ -8,6 +8,7 @@ import asyncio
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import redis
@@ -22,14 +23,21 @@ TINY = keys.queue_name("tiny_mlp", "v1")
 
 def decision_us(env: dict[str, str], rounds: int) -> float:
     """Microseconds per ``Balancer.route`` call for the strategy now set."""
+    from tasks import broker
     from tasks.balancing import Balancer
+    from tasks.routing import run_sync
 
-    balancer = Balancer(lambda: redis.Redis.from_url(env["REDIS_URL"]), ttl_s=1.0)
+    client = redis.Redis.from_url(env["REDIS_URL"])
+
+    def execute(commands: Any) -> list[Any]:
+        return broker.run(client, commands)
+
+    balancer = Balancer(ttl_s=1.0)
     x = np.zeros(64, dtype=np.float32)
-    balancer.route("tiny_mlp", "v1", x)
+    run_sync(balancer.route("tiny_mlp", "v1", x), execute)
     started = time.perf_counter()
     for _ in range(rounds):
-        balancer.route("tiny_mlp", "v1", x)
+        run_sync(balancer.route("tiny_mlp", "v1", x), execute)
     return (time.perf_counter() - started) / rounds * 1e6
 
 

@@ -24,6 +24,28 @@ QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0")
 RESULTS = PROJECT_ROOT / "bench" / "results" / "latest.json"
 
 
+def fill_queue(url: str, model: str, inputs: Any, count: int) -> None:
+    """``count`` requests for ``model``/v1 queued directly, 500 per round trip (the queue
+    a drain-rate measurement starts from; their results go to a channel nobody reads)."""
+    from tasks import broker
+
+    client = redis.Redis.from_url(url)
+    queue = keys.queue_name(model, "v1")
+    commands: list[tuple[Any, ...]] = []
+    for _ in range(count):
+        message = broker.encode_task_message(
+            "tasks.predict", broker.new_task_id(), (model, inputs), {"version": "v1"},
+            queue=queue, serializer="tensor", reply_channel="bench:drain",
+        )  # fmt: skip
+        commands += broker.publish_commands(queue, 0, message)
+        if len(commands) >= 1000:
+            broker.run(client, commands)
+            commands = []
+    if commands:
+        broker.run(client, commands)
+    client.close()
+
+
 @dataclass
 class Row:
     name: str

@@ -21,21 +21,12 @@ from typing import Any
 import numpy as np
 import redis
 
-from bench.common import QUICK, Row, run_load, start_worker, wait_for
+from bench.common import QUICK, Row, fill_queue, run_load, start_worker, wait_for
 from common import keys
 from common.redis import free_port
 from scaler.processes import PROJECT_ROOT
 
 TINY = keys.queue_name("tiny_mlp", "v1")
-
-
-def fill(count: int) -> None:
-    from tasks import predict
-
-    rng = np.random.default_rng(0)
-    inputs = [rng.standard_normal(64).astype(np.float32) for _ in range(16)]
-    for i in range(count):
-        predict.apply_async(("tiny_mlp", inputs[i % 16]), {"version": "v1"}, subscribe=False)
 
 
 def drain_rate(env: dict[str, str], logs: Path, *, metrics: bool, count: int) -> float:
@@ -44,7 +35,7 @@ def drain_rate(env: dict[str, str], logs: Path, *, metrics: bool, count: int) ->
 
     client = redis.Redis.from_url(env["REDIS_URL"])
     publish_registry(client, ModelRepository(Path(env["MODEL_REPOSITORY"])).registry())
-    fill(count)
+    fill_queue(env["REDIS_URL"], "tiny_mlp", np.zeros(64, np.float32), count)
     worker_env = {
         **env,
         "METRICS_ENABLED": "true" if metrics else "false",

@@ -9,13 +9,12 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import redis
 import torch
 
-from bench.common import QUICK, Row, report, run_load, run_loads, start_worker, wait_for
+from bench.common import QUICK, Row, fill_queue, report, run_load, run_loads, start_worker, wait_for
 from common import keys
 from loader.examples import write_examples
 from loader.formats import load_module
@@ -49,21 +48,9 @@ def drain_rate(env: dict[str, str], worker: WorkerProcess, model: str, count: in
     from tasks import broker
 
     client = redis.Redis.from_url(env["REDIS_URL"])
-    queue = keys.queue_name(model, "v1")
-    x = np.zeros(SHAPES[model], np.float32)
     os.kill(worker.pid, signal.SIGSTOP)
     try:
-        commands: list[tuple[Any, ...]] = []
-        for _ in range(count):
-            message = broker.encode_task_message(
-                "tasks.predict", broker.new_task_id(), (model, x), {"version": "v1"},
-                queue=queue, serializer="tensor", reply_channel="bench:drain",
-            )  # fmt: skip
-            commands += broker.publish_commands(queue, 0, message)
-            if len(commands) >= 500:
-                broker.run(client, commands)
-                commands = []
-        broker.run(client, commands)
+        fill_queue(env["REDIS_URL"], model, np.zeros(SHAPES[model], np.float32), count)
     finally:
         started = time.perf_counter()
         os.kill(worker.pid, signal.SIGCONT)
