@@ -18,7 +18,7 @@ import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 import hiredis
 import redis
@@ -176,6 +176,7 @@ class Connection:
         # What a closed connection left unacknowledged: Redis may or may not have run it.
         self.orphans: list[Unacked] = []
         self.last_io = 0.0
+        self.writes = 0  # counts writes: a flusher tells a buffer its owner left alone
         self._out: list[bytes] = []  # written by ``flush`` or the next write or read
         self._out_bytes = 0
 
@@ -278,6 +279,7 @@ class Connection:
             self._out, self._out_bytes = [], 0
         try:
             sock.sendall(data)
+            self.writes += 1
             self.last_io = time.monotonic()
         except OSError as exc:
             self.close()
@@ -350,6 +352,20 @@ class Connection:
         return True
 
 
+_Sink: TypeAlias = "asyncio.Future[list[Any]] | Callable[[Any], None]"
+
+
+def _deliver(sink: Any, outcome: list[Any] | Exception) -> None:
+    if not isinstance(sink, asyncio.Future):
+        sink(outcome)
+    elif sink.done():
+        pass  # its caller was cancelled
+    elif isinstance(outcome, Exception):
+        sink.set_exception(outcome)
+    else:
+        sink.set_result(outcome)
+
+
 class AsyncConnection:
     """A RESP3 connection shared by every coroutine of one event loop: commands handed in
     during one loop iteration go out in one write (automatic pipelining), their replies are
@@ -363,9 +379,8 @@ class AsyncConnection:
         self.on_push = on_push
         self._writer: asyncio.StreamWriter | None = None
         self._reading: asyncio.Task[None] | None = None
-        self._pending: collections.deque[tuple[int, asyncio.Future[list[Any]], list[Any]]] = (
-            collections.deque()
-        )
+        # Per command batch in flight: replies due, who gets them, those read so far.
+        self._pending: collections.deque[tuple[int, _Sink, list[Any]]] = collections.deque()
         self._outgoing: list[bytes] = []
         self._flush_scheduled = False
         self.closed: asyncio.Event = asyncio.Event()
@@ -406,18 +421,33 @@ class AsyncConnection:
         if writer is None:
             raise redis.ConnectionError("Redis connection lost")
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._pending.append((len(commands) if answered is None else answered, future, []))
-        self._outgoing.append(pack(commands))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-        if writer.transport.get_write_buffer_size() > self.HIGH_WATER:
-            await writer.drain()
+        self._queue(commands, len(commands) if answered is None else answered, future)
+        await self.drain()
         replies = await future
         error = first_error(replies)
         if error is not None:
             raise error
         return replies
+
+    def send(self, commands: Sequence[Command], on_replies: Callable[[Any], None]) -> None:
+        """Write commands without waiting: ``on_replies`` gets their replies, or the error
+        that lost them."""
+        self._queue(commands, len(commands), on_replies)
+
+    async def drain(self) -> None:
+        """Wait while more than ``HIGH_WATER`` bytes wait for the socket."""
+        writer = self._writer
+        if writer is not None and writer.transport.get_write_buffer_size() > self.HIGH_WATER:
+            await writer.drain()
+
+    def _queue(self, commands: Sequence[Command], answered: int, sink: _Sink) -> None:
+        if self._writer is None:
+            raise redis.ConnectionError("Redis connection lost")
+        self._pending.append((answered, sink, []))
+        self._outgoing.append(pack(commands))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -427,9 +457,8 @@ class AsyncConnection:
 
     def _fail(self, error: Exception) -> None:
         pending, self._pending, self._outgoing = self._pending, collections.deque(), []
-        for _, future, _ in pending:
-            if not future.done():
-                future.set_exception(error)
+        for _, sink, _ in pending:
+            _deliver(sink, error)
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         parser = hiredis.Reader()
@@ -445,12 +474,11 @@ class AsyncConnection:
                         continue
                     if not self._pending:
                         continue  # a reply nobody waits for (its caller was cancelled)
-                    count, future, replies = self._pending[0]
+                    count, sink, replies = self._pending[0]
                     replies.append(item)
                     if len(replies) == count:
                         self._pending.popleft()
-                        if not future.done():
-                            future.set_result(replies)
+                        _deliver(sink, replies)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -35,6 +35,8 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import math
+import operator
 import os
 import socket
 import struct
@@ -44,7 +46,7 @@ import uuid
 from bisect import bisect
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 import celery
@@ -187,9 +189,11 @@ def encode_task_message(
         )
     step = max(0, min(int(priority or 0), 9))
     tid = task_id.encode()
-    if expires is None and not headers and len(tid) == _ID_LEN:
-        # The usual request: only its id, body and time differ from a cached template.
-        key = (task_name, queue, reply_channel, step, content_type, content_encoding)
+    expiry = _expiry(expires)
+    if not headers and len(tid) == _ID_LEN:
+        # The usual request: only its id, body, time and expiry differ from a template.
+        expiring = expiry is not None
+        key = (task_name, queue, reply_channel, step, content_type, content_encoding, expiring)
         if key in _templates:
             template = _templates[key]
         else:
@@ -197,11 +201,32 @@ def encode_task_message(
             if len(_templates) < 1024:
                 _templates[key] = template
         if template is not None:
-            return template.fill(tid, body, time.time())
+            return template.fill(tid, body, time.time(), expiry)
     return _pack_envelope(
         task_name, task_id, body, content_type, content_encoding, queue=queue, priority=step,
-        expires=expires, reply_channel=reply_channel, headers=headers, published=time.time(),
+        expiry=expiry, reply_channel=reply_channel, headers=headers, published=time.time(),
     )  # fmt: skip
+
+
+def _expiry(expires: datetime | None) -> tuple[str, str] | None:
+    """Celery's ``expires`` header and kombu's ``expiration`` property (ms from now), made
+    once for a burst's shared expiry."""
+    if expires is None:
+        return None
+    global _last_expiry
+    now = time.monotonic()
+    last = _last_expiry
+    if last is None or last[0] != expires or now - last[1] > EXPIRES_STEP_S:
+        remaining = (expires - datetime.now(timezone.utc)).total_seconds()
+        last = _last_expiry = (
+            expires,
+            now,
+            (expires.isoformat(), str(int(max(remaining, 0) * 1000))),
+        )
+    return last[2]
+
+
+_last_expiry: tuple[datetime, float, tuple[str, str]] | None = None
 
 
 def _pack_envelope(
@@ -213,7 +238,7 @@ def _pack_envelope(
     *,
     queue: str,
     priority: int,
-    expires: datetime | None,
+    expiry: tuple[str, str] | None,
     reply_channel: str | None,
     headers: dict[str, Any] | None,
     published: float,
@@ -224,7 +249,7 @@ def _pack_envelope(
         "id": task_id,
         "shadow": None,
         "eta": None,
-        "expires": expires.isoformat() if expires is not None else None,
+        "expires": expiry[0] if expiry is not None else None,
         "group": None,
         "group_index": None,
         "retries": 0,
@@ -253,9 +278,8 @@ def _pack_envelope(
         "body_encoding": BINARY,
         "delivery_tag": task_id,
     }
-    if expires is not None:
-        remaining = (expires - datetime.now(timezone.utc)).total_seconds()
-        properties["expiration"] = str(int(max(remaining, 0) * 1000))
+    if expiry is not None:
+        properties["expiration"] = expiry[1]
     return bytes(
         msgpack.packb(
             {
@@ -273,35 +297,57 @@ def _pack_envelope(
 _ID_LEN = 36  # a UUID's text: the ids this project makes, and Celery's
 _ID_MARK = "\x01" * _ID_LEN
 _TIME_MARK = 5e-324  # packed as 0xcb 00 00 00 00 00 00 00 01
+_EXPIRES_MARK = "\x02" * 40
+_EXPIRATION_MARK = "\x03" * 12
 _FLOAT = struct.Struct(">d")
+# The slots of a template, in the order ``fill`` supplies their bytes.
+_SLOTS = (
+    _ID_MARK.encode(),
+    msgpack.packb(_TIME_MARK),
+    msgpack.packb(_EXPIRES_MARK),
+    msgpack.packb(_EXPIRATION_MARK),
+)
 
 
 class _Template:
-    """An envelope packed once with marks where the task id and the publish time go,
-    cut there: a message is its pieces joined (byte for byte what ``_pack_envelope``
-    packs)."""
+    """An envelope packed once with marks where the task id, the publish time and the
+    expiry go, cut there: a message is its pieces and its slots' bytes joined (byte for
+    byte what ``_pack_envelope`` packs)."""
 
-    def __init__(self, prefix: bytes, before: list[bytes], after: list[bytes]) -> None:
-        self.prefix, self.before, self.after = prefix, before, after
+    def __init__(self, prefix: bytes, pieces: list[bytes], slots: list[int]) -> None:
+        self.prefix = prefix
+        # The pieces as one %-format with a %b per slot, filled from the slots' values.
+        self.format = b"%b".join(p.replace(b"%", b"%%") for p in pieces)
+        self.pick = operator.itemgetter(*slots)
 
     @classmethod
     def build(cls, key: tuple[Any, ...]) -> _Template | None:
-        task_name, queue, reply_channel, priority, content_type, content_encoding = key
+        task_name, queue, reply_channel, priority, content_type, content_encoding, expiring = key
         packed = _pack_envelope(
             task_name, _ID_MARK, b"", content_type, content_encoding, queue=queue,
-            priority=priority, expires=None, reply_channel=reply_channel, headers=None,
-            published=_TIME_MARK,
+            priority=priority, reply_channel=reply_channel, headers=None, published=_TIME_MARK,
+            expiry=(_EXPIRES_MARK, _EXPIRATION_MARK) if expiring else None,
         )  # fmt: skip
         prefix = b"\x85" + msgpack.packb("body") + b"\xc4\x00"  # a map of 5; body first
-        time_mark = msgpack.packb(_TIME_MARK)
-        id_mark = _ID_MARK.encode()
         rest = packed[len(prefix) :]
-        if not packed.startswith(prefix) or rest.count(time_mark) != 1 or rest.count(id_mark) != 4:
+        wanted = [4, 1, 1, 1] if expiring else [4, 1, 0, 0]
+        if not packed.startswith(prefix) or [rest.count(m) for m in _SLOTS] != wanted:
             return None  # a mark's bytes occur elsewhere: pack each message in full
-        before, after = rest.split(time_mark)
-        return cls(prefix[:-2], before.split(id_mark), after.split(id_mark))
+        pieces, slots, at = [], [], 0
+        while True:
+            found = [(i, n) for n, m in enumerate(_SLOTS) if (i := rest.find(m, at)) >= 0]
+            if not found:
+                break
+            i, n = min(found)
+            pieces.append(rest[at:i])
+            slots.append(n)
+            at = i + len(_SLOTS[n])
+        pieces.append(rest[at:])
+        return cls(prefix[:-2], pieces, slots)
 
-    def fill(self, task_id: bytes, body: bytes, published: float) -> bytes:
+    def fill(
+        self, task_id: bytes, body: bytes, published: float, expiry: tuple[str, str] | None
+    ) -> bytes:
         n = len(body)
         if n < 0x100:
             head = b"\xc4" + n.to_bytes(1, "big")
@@ -309,17 +355,16 @@ class _Template:
             head = b"\xc5" + n.to_bytes(2, "big")
         else:
             head = b"\xc6" + n.to_bytes(4, "big")
-        return b"".join(
-            (
-                self.prefix,
-                head,
-                body,
-                task_id.join(self.before),
-                b"\xcb",
-                _FLOAT.pack(published),
-                task_id.join(self.after),
+        if expiry is None:
+            values: tuple[bytes, ...] = (task_id, b"\xcb" + _FLOAT.pack(published))
+        else:
+            values = (
+                task_id,
+                b"\xcb" + _FLOAT.pack(published),
+                msgpack.packb(expiry[0]),
+                msgpack.packb(expiry[1]),
             )
-        )
+        return b"".join((self.prefix, head, body, self.format % self.pick(values)))
 
 
 _templates: dict[tuple[Any, ...], _Template | None] = {}
@@ -334,13 +379,26 @@ def read_envelope(raw: bytes) -> dict[str, Any]:
     return envelope
 
 
+EXPIRES_STEP_S = 0.01
+
+
 def expires_at(expires: float | datetime | None) -> datetime | None:
-    """Celery's ``expires`` (seconds from now, or a datetime) as an aware datetime."""
+    """Celery's ``expires`` (seconds from now, or a datetime) as an aware datetime; seconds
+    are rounded up to ``EXPIRES_STEP_S``, so the requests of a burst share one (and one
+    packing of it)."""
     if expires is None:
         return None
     if isinstance(expires, datetime):
         return expires if expires.tzinfo else expires.replace(tzinfo=timezone.utc)
-    return datetime.now(timezone.utc) + timedelta(seconds=float(expires))
+    global _last_expires
+    step = math.ceil((time.time() + float(expires)) / EXPIRES_STEP_S)
+    last = _last_expires
+    if last[0] != step:
+        last = _last_expires = (step, datetime.fromtimestamp(step * EXPIRES_STEP_S, timezone.utc))
+    return last[1]
+
+
+_last_expires: tuple[int, datetime] = (0, datetime.fromtimestamp(0, timezone.utc))
 
 
 @dataclass

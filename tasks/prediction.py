@@ -87,10 +87,13 @@ class PredictTask(Task):
     async def aio(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         """``await predict.aio(model, inputs, version=None, key=None, timeout=None,
         priority=0)``: the outputs, from an event loop (one client per loop)."""
-        options: dict[str, Any] = {
-            k: kwargs.pop(k) for k in ("priority", "task_id", "headers") if k in kwargs
-        }
-        call = self.call_for(args, kwargs, {**options, "expires": timeout})
+        if not kwargs and len(args) == 2:
+            call = Call(args[0], args[1], single=self.name == PREDICT, expires=timeout)
+        else:
+            options: dict[str, Any] = {
+                k: kwargs.pop(k) for k in ("priority", "task_id", "headers") if k in kwargs
+            }
+            call = self.call_for(args, kwargs, {**options, "expires": timeout})
         client = client_for_running_loop()
         return await client.result(await client.submit(call), timeout)
 

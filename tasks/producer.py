@@ -253,16 +253,26 @@ class AsyncInferenceClient:
 
     async def lookup(self, reads: Reads[T]) -> T:
         try:
-            return await run_async(reads, self._execute)
+            try:
+                first = next(reads)
+            except StopIteration as done:  # every lookup cached: no await
+                return done.value
+            return await run_async(reads, self._execute, first)
         except redis.RedisError as exc:
             raise BrokerUnavailableError(f"Redis is unreachable: {exc}") from exc
 
     async def submit(self, call: Call) -> Pending:
-        await self.replies.start()
+        if not self.replies.ready:
+            await self.replies.start()
         prepared = await self.lookup(self.producer.prepare(call, self.replies.name))
         future = self.replies.expect(prepared.task_id)
         try:
-            await self._execute(prepared.commands)
+            if self.link is None:
+                # Acknowledged with the results that follow; a refusal fails the call.
+                self.replies.publish(prepared.task_id, prepared.commands)
+                await self.replies.conn.drain()
+            else:
+                await self.link.execute(prepared.commands)
         except redis.RedisError as exc:
             self.replies.discard(prepared.task_id)
             raise BrokerUnavailableError(

@@ -22,6 +22,7 @@ import asyncio
 import atexit
 import contextlib
 import logging
+import math
 import os
 import threading
 import time
@@ -35,7 +36,7 @@ import redis
 from common import keys
 from common.errors import BrokerUnavailableError
 from common.redis import Outage, redis_client
-from common.resp3 import AsyncConnection, Connection, Endpoint, Push, Unacked
+from common.resp3 import AsyncConnection, Connection, Endpoint, Push, Unacked, first_error
 from tasks import broker
 
 logger = logging.getLogger(__name__)
@@ -51,10 +52,14 @@ STALE_CHECK_S = 0.5
 # Requests whose acknowledgement a lost connection took along are sent again when it is
 # made again; they fail if Redis stays unreachable this long.
 ORPHAN_GRACE_S = 2.0
-# How often the flusher looks for held requests while there are any, and how long it
+# How often the flusher looks for held requests while there are any (from the shortest
+# tick, doubled while their threads write them first, up to the longest), and how long it
 # keeps looking after the last.
 FLUSH_TICK_S = 0.001
+FLUSH_TICK_MAX_S = 0.008
 FLUSH_QUIET_S = 0.05
+# An event loop's calls time out on a grid of this step (one timer per step, not per call).
+DEADLINE_STEP_S = 0.01
 
 
 def _new_channel() -> str:
@@ -343,12 +348,13 @@ class ThreadChannel:
 
 
 class _Flusher:
-    """Writes the requests threads held back when they do not come back to it soon. It
-    is woken by the first held request after a quiet spell, then looks every
-    ``FLUSH_TICK_S`` while requests are held (a thread's next read usually writes them
-    first), and sleeps again when none were held for ``FLUSH_QUIET_S``: no wake-up per
-    request. A held request waits a millisecond or two, or Python's switch interval when
-    its thread runs Python code without a pause."""
+    """Writes the requests a thread held back and left there: a buffer is written when its
+    connection saw no write for a whole tick (its thread neither published nor read).
+    Woken by the first held request after a quiet spell, it looks every ``FLUSH_TICK_S``;
+    while threads write their buffers themselves (a producer reading its results) the
+    tick doubles up to ``FLUSH_TICK_MAX_S``, so a busy process is not woken a thousand
+    times a second for nothing; it sleeps again when nothing was held for
+    ``FLUSH_QUIET_S``. A held request waits at most two ticks."""
 
     def __init__(self) -> None:
         self._hubs: weakref.WeakSet[ReplyHub] = weakref.WeakSet()
@@ -356,6 +362,8 @@ class _Flusher:
         self._wake = threading.Event()
         self._armed = False
         self._thread: threading.Thread | None = None
+        # channel -> its connection's write count at the last tick
+        self._seen: weakref.WeakKeyDictionary[ThreadChannel, int] = weakref.WeakKeyDictionary()
 
     def due(self, hub: ReplyHub) -> None:
         if self._armed:
@@ -370,30 +378,39 @@ class _Flusher:
                 self._thread.start()
         self._wake.set()
 
-    def _write_held(self) -> bool:
-        """True if any channel still holds requests (its socket was in use)."""
-        held = False
+    def _look(self, *, all_held: bool) -> tuple[bool, bool]:
+        """Write the buffers left alone for a tick (every held one with ``all_held``).
+        Returns (anything still held, anything written here)."""
+        held = wrote = False
         for hub in list(self._hubs):
             for channel in hub.channels():
-                if channel.conn.holding and not channel.write_held():
-                    held = True
-        return held
+                conn = channel.conn
+                writes, last = conn.writes, self._seen.get(channel)
+                self._seen[channel] = writes
+                if not conn.holding:
+                    continue
+                if (all_held or writes == last) and channel.write_held():
+                    wrote = True
+                    self._seen[channel] = conn.writes
+                held = held or conn.holding
+        return held, wrote
 
     def _run(self) -> None:
         while True:
             self._wake.wait()
             self._wake.clear()
             quiet_since = time.monotonic()
+            tick = FLUSH_TICK_S
             while True:
-                time.sleep(FLUSH_TICK_S)
-                if self._write_held() or any(
-                    c.conn.holding for h in list(self._hubs) for c in h.channels()
-                ):
+                time.sleep(tick)
+                held, wrote = self._look(all_held=False)
+                tick = FLUSH_TICK_S if wrote else min(2 * tick, FLUSH_TICK_MAX_S)
+                if held or wrote:
                     quiet_since = time.monotonic()
                 elif time.monotonic() - quiet_since > FLUSH_QUIET_S:
                     self._armed = False
                     # A request held just before the flag fell found it still up.
-                    if not self._write_held():
+                    if not self._look(all_held=True)[0]:
                         break
                     self._armed = True
 
@@ -566,11 +583,17 @@ class AsyncChannel:
         self.name = _new_channel()
         self.conn = AsyncConnection(Endpoint.from_url(url), self._on_push)
         self._futures: dict[str, tuple[asyncio.Future[bytes], int]] = {}
+        self._deadlines: dict[int, dict[str, None]] = {}  # step -> calls it ends
         self._ready = asyncio.Event()
         self._keeper: asyncio.Task[None] | None = None
         self.generation = 0
         self._run_id: str | None = None
         self.outage = Outage("reply channel")
+
+    @property
+    def ready(self) -> bool:
+        """Connected and subscribed."""
+        return self._keeper is not None and self._ready.is_set()
 
     async def start(self) -> None:
         if self._keeper is None:
@@ -601,6 +624,27 @@ class AsyncChannel:
             raise redis.ConnectionError("Redis connection lost")
         return await self.conn.execute(commands)
 
+    def publish(self, task_id: str, commands: Sequence[tuple[Any, ...]]) -> None:
+        """Write a registered call's request without waiting: a refusal, or a connection
+        lost before Redis acknowledged it, fails the call (it was not sent twice)."""
+        if not self._ready.is_set():
+            raise redis.ConnectionError("Redis connection lost")
+
+        def acknowledged(replies: list[Any] | Exception) -> None:
+            error = replies if isinstance(replies, Exception) else first_error(replies)
+            entry = self._futures.get(task_id) if error is not None else None
+            if entry is not None and not entry[0].done():
+                why = (
+                    "Redis refused it"
+                    if isinstance(error, redis.ResponseError)
+                    else ("the connection was lost before Redis acknowledged it")
+                )
+                entry[0].set_exception(
+                    BrokerUnavailableError(f"request {task_id} was not queued: {why}: {error}")
+                )
+
+        self.conn.send(commands, acknowledged)
+
     def expect(self, task_id: str) -> asyncio.Future[bytes]:
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._futures[task_id] = (future, self.generation)
@@ -622,20 +666,43 @@ class AsyncChannel:
             if timeout is None:
                 return await future
             if not future.done():
-                loop = asyncio.get_running_loop()
-                timer = loop.call_later(max(timeout, 0), _expire, future)
+                slot = self._expire_after(task_id, timeout)
                 try:
-                    await asyncio.wait((future,))
+                    with contextlib.suppress(Exception):  # looked at below
+                        await future
                 finally:
-                    timer.cancel()
-            if not future.cancelled() and future.exception() is None:
+                    bucket = self._deadlines.get(slot)
+                    if bucket is not None:
+                        bucket.pop(task_id, None)
+            error = None if future.cancelled() else future.exception()
+            if not future.cancelled() and error is None:
                 return future.result()
+            if isinstance(error, BrokerUnavailableError):
+                raise error
             stored = await self.stored(task_id)
             if stored is not None:
                 return stored
             raise broker.not_answered(task_id, timeout, lost=generation != self.generation)
         finally:
             self._futures.pop(task_id, None)
+
+    def _expire_after(self, task_id: str, timeout: float) -> int:
+        """Fail the call's wait after ``timeout`` (up to ``DEADLINE_STEP_S`` later): calls
+        whose deadlines fall in one step share a timer."""
+        loop = asyncio.get_running_loop()
+        slot = math.ceil((loop.time() + max(timeout, 0.0)) / DEADLINE_STEP_S)
+        bucket = self._deadlines.get(slot)
+        if bucket is None:
+            bucket = self._deadlines[slot] = {}
+            loop.call_at(slot * DEADLINE_STEP_S, self._expire, slot)
+        bucket[task_id] = None
+        return slot
+
+    def _expire(self, slot: int) -> None:
+        for task_id in self._deadlines.pop(slot, ()):
+            entry = self._futures.get(task_id)
+            if entry is not None and not entry[0].done():
+                entry[0].set_exception(_Expired())
 
     def _on_push(self, push: Push) -> None:
         for task_id, meta in _results(push):
@@ -675,8 +742,3 @@ class AsyncChannel:
 
 class _Expired(Exception):
     pass
-
-
-def _expire(future: asyncio.Future[bytes]) -> None:
-    if not future.done():
-        future.set_exception(_Expired())

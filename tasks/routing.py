@@ -41,9 +41,14 @@ def run_sync(reads: Reads[T], execute: Callable[[Sequence[Any]], list[Any]]) -> 
         return done.value
 
 
-async def run_async(reads: Reads[T], execute: Callable[[Sequence[Any]], Awaitable[list[Any]]]) -> T:
+async def run_async(
+    reads: Reads[T],
+    execute: Callable[[Sequence[Any]], Awaitable[list[Any]]],
+    first: Sequence[Any] | None = None,
+) -> T:
+    """Drive ``reads`` (``first``: its first commands, when the caller already took them)."""
     try:
-        commands = next(reads)
+        commands = next(reads) if first is None else first
         while True:
             commands = reads.send(await execute(commands))
     except StopIteration as done:

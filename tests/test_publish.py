@@ -190,23 +190,34 @@ def test_a_script_that_exits_right_after_delay_loses_nothing(
 @pytest.mark.parametrize("body_bytes", [0, 40, 300, 70_000, 200_000])
 @pytest.mark.parametrize("reply_channel", [None, "inference:reply:abc"])
 @pytest.mark.parametrize("priority", [0, 6])
+@pytest.mark.parametrize("expires_s", [None, 0.0, 30.0, 86_400.5])
 def test_the_envelope_template_packs_what_the_full_packing_packs(
-    body_bytes: int, reply_channel: str | None, priority: int
+    body_bytes: int, reply_channel: str | None, priority: int, expires_s: float | None
 ) -> None:
     inputs = np.arange(body_bytes // 4, dtype=np.float32)
     task_id = broker.new_task_id()
-    with mock.patch.object(broker.time, "time", return_value=1234.5678):
+    expires = None if expires_s is None else broker.expires_at(expires_s)
+    expiry = broker._expiry(expires)
+    with (
+        mock.patch.object(broker.time, "time", return_value=1234.5678),
+        mock.patch.object(broker, "_expiry", return_value=expiry),
+    ):
         templated = broker.encode_task_message(
             "tasks.predict", task_id, ("m", inputs), {"version": "v1"}, queue="model.m.v1",
             serializer=codec.SERIALIZER, reply_channel=reply_channel, priority=priority,
+            expires=expires,
         )  # fmt: skip
     body = codec.dumps((["m", inputs], {"version": "v1"}, broker._EMBED))
     full = broker._pack_envelope(
         "tasks.predict", task_id, body, codec.CONTENT_TYPE, "binary", queue="model.m.v1",
-        priority=priority, expires=None, reply_channel=reply_channel, headers=None,
+        priority=priority, expiry=expiry, reply_channel=reply_channel, headers=None,
         published=1234.5678,
     )  # fmt: skip
     assert templated == full
+    key = ("tasks.predict", "model.m.v1", reply_channel, priority, codec.CONTENT_TYPE, "binary")
+    template = broker._Template.build((*key, expiry is not None))
+    assert template is not None and template.fill(task_id.encode(), body, 1234.5678, expiry) == full
     decoded = broker.decode_task_message(templated, accept=["tensor"], max_body_bytes=1 << 20)
     assert decoded.task_id == task_id and decoded.reply_channel == reply_channel
+    assert decoded.expires == expires
     np.testing.assert_array_equal(decoded.args[1], inputs)
