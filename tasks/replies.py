@@ -634,14 +634,14 @@ class AsyncChannel:
             error = replies if isinstance(replies, Exception) else first_error(replies)
             entry = self._futures.get(task_id) if error is not None else None
             if entry is not None and not entry[0].done():
-                why = (
-                    "Redis refused it"
-                    if isinstance(error, redis.ResponseError)
-                    else ("the connection was lost before Redis acknowledged it")
-                )
-                entry[0].set_exception(
-                    BrokerUnavailableError(f"request {task_id} was not queued: {why}: {error}")
-                )
+                if isinstance(error, redis.ResponseError):
+                    text = f"request {task_id} was not queued: Redis refused it: {error}"
+                else:
+                    text = (
+                        f"request {task_id} may not have been queued: the connection was lost "
+                        f"before Redis acknowledged it (it was not sent again): {error}"
+                    )
+                entry[0].set_exception(BrokerUnavailableError(text))
 
         self.conn.send(commands, acknowledged)
 

@@ -7,6 +7,7 @@ packs what the full packing packs."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -93,6 +94,23 @@ def test_a_refused_request_fails_its_call_with_the_reason(registry: redis.Redis)
             result.get(timeout=10)
 
     in_own_thread(scenario)
+
+
+def test_a_refused_request_fails_its_await_with_the_reason(registry: redis.Redis) -> None:
+    from tasks.producer import AsyncInferenceClient
+
+    async def scenario() -> None:
+        client = AsyncInferenceClient()
+        try:
+            await client.start()  # connects, subscribes
+            registry.config_set("maxmemory-policy", "noeviction")
+            registry.config_set("maxmemory", 1)
+            with pytest.raises(BrokerUnavailableError, match="not queued: Redis refused it: OOM"):
+                await client.predict("linear", [1.0] * 8, timeout=10)
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
 
 
 def test_a_request_redis_ran_before_the_connection_was_lost_is_not_sent_twice(
