@@ -417,9 +417,6 @@ class AsyncConnection:
     async def execute(
         self, commands: Sequence[Command], *, answered: int | None = None
     ) -> list[Any]:
-        writer = self._writer
-        if writer is None:
-            raise redis.ConnectionError("Redis connection lost")
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self._queue(commands, len(commands) if answered is None else answered, future)
         await self.drain()
