@@ -8,8 +8,11 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
+import threading
 import warnings
 import zipfile
 from pathlib import Path
@@ -22,10 +25,34 @@ from common.errors import ModelLoadError
 from loader.factories import get_factory
 from loader.spec import ModelFormat, ModelSpec
 
+logger = logging.getLogger(__name__)
+
 
 def harden_torch_load() -> None:
     """Make every ``torch.load`` in this process weights-only, whatever its caller asked."""
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+
+
+def prewarm(formats: set[ModelFormat]) -> None:
+    """Pay a format's first-use cost now: torch.export's first load imports its
+    serialisation (seconds, against a quarter of a second for the next), so a worker that
+    may load such a model does it once, at start, on a tiny program of its own."""
+    if ModelFormat.EXPORT not in formats:
+        return
+    with _EXPORT_LOCK:
+        try:
+            program = torch.export.export(nn.Linear(1, 1), (torch.zeros(1, 1),))
+            archive = io.BytesIO()
+            torch.export.save(program, archive)
+            archive.seek(0)
+            torch.export.load(archive).module()
+        except Exception as exc:  # only a warm-up: the real loads report their own errors
+            logger.warning("torch.export warm-up failed: %s", exc)
+
+
+# torch.export imports its modules lazily, and two threads importing them at once can see
+# them half made ("KeyError: 'torch._dynamo'"): its loads go one at a time.
+_EXPORT_LOCK = threading.Lock()
 
 
 def _check_export_archive(path: Path) -> None:
@@ -68,7 +95,8 @@ def load_module(spec: ModelSpec, path: Path, device: torch.device) -> nn.Module:
         elif spec.format is ModelFormat.EXPORT:
             _check_export_archive(path)
             # An exported program is traced in inference mode already; it has no eval().
-            module = torch.export.load(str(path)).module()
+            with _EXPORT_LOCK:
+                module = torch.export.load(str(path)).module()
             module.to(device)
             return module
         else:

@@ -8,6 +8,7 @@ disk are seen on the next lookup.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -19,11 +20,12 @@ from pydantic import ValidationError
 
 from common.errors import (
     ConfigError,
+    InferenceError,
     InvalidNameError,
     UnknownModelError,
     describe_validation_error,
 )
-from loader.spec import ModelConfig, ModelSpec, check_name, check_version
+from loader.spec import ModelConfig, ModelFormat, ModelSpec, check_name, check_version
 
 SPEC_FILE = "model.json"
 
@@ -115,6 +117,15 @@ class ModelRepository:
         with self._lock:
             self._cache[path] = (mtime, value)
         return value
+
+    def formats(self) -> set[ModelFormat]:
+        """The formats of the repository's versions (unreadable specs left out)."""
+        found = set()
+        for name in self.list_models():
+            for version in self.versions(name):
+                with contextlib.suppress(InferenceError):
+                    found.add(self.spec(name, version).format)
+        return found
 
     def spec(self, name: str, version: str) -> ModelSpec:
         path = self.version_dir(name, version) / SPEC_FILE

@@ -106,8 +106,12 @@ class ScalerLoop:
         self._apply(plan, view, now, result)
         self._record_popularity(view, now)
         result.tick_ms = (time.perf_counter() - started) * 1000
+        # What producers need not poke the scaler for. A version this tick takes to zero is
+        # out at once (its workers are told to stop now: a request arriving meanwhile must
+        # wake the scaler, not wait for the next tick); one the policy does not manage
+        # counts as served while some worker consumes it.
         served = {k for k, n in plan.desired.items() if n > 0} | {
-            k for w in view.snapshot.workers.values() for k in w.serving
+            k for w in view.snapshot.workers.values() for k in w.serving if k not in plan.desired
         }
         self.store.record(
             plan.decisions,

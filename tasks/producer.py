@@ -86,7 +86,9 @@ class Producer:
         self.max_payload_bytes = self.settings.max_payload_bytes
         self.registry = RegistryView(ttl_s=self.settings.registry_cache_s)
         self.balancer = Balancer(ttl_s=1.0)
-        self.served = ServedView(ttl_s=max(self.settings.registry_cache_s, 0.5))
+        # Short: a version scaled to zero since the last look is not poked for (its cold
+        # start then waits for the scaler's next tick) until the view is read again.
+        self.served = ServedView(ttl_s=0.5)
         # A request sent on a connection a restarted Redis closed is sent again.
         self.links = ThreadLinks(self.settings.redis_url, resend_once=True)
         self._one_server = self.settings.backend_url == self.settings.redis_url

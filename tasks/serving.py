@@ -35,6 +35,7 @@ from common.settings import (
     serving_settings,
     worker_settings,
 )
+from loader.formats import prewarm
 from loader.health import UNHEALTHY, HealthChecker
 from loader.registry import RegistryPublisher
 from loader.server import ModelServer, keep_freed_memory
@@ -319,6 +320,9 @@ class ModelServing(bootsteps.StartStopStep):
             self.reporter.registry.publish_if_changed(self.reporter.client, exists=False)
         except Exception as exc:
             logger.warning("worker %s could not publish the registry: %s", worker.hostname, exc)
+        threading.Thread(
+            target=prewarm, args=(self.server.repository.formats(),), name="prewarm", daemon=True
+        ).start()
         for spec in self.preload:
             name, _, version = spec.partition(":")
             try:

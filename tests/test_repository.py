@@ -130,3 +130,30 @@ def test_a_garbage_file_is_a_load_error(test_repo: Path) -> None:
         path.write_bytes(pickle.dumps("not a model"))
         with pytest.raises(ModelLoadError):
             load_module(repo.spec(name, "v1"), path, torch.device("cpu"))
+
+
+def test_formats_lists_every_readable_versions_format(test_repo: Path) -> None:
+    from loader.spec import ModelFormat
+
+    formats = ModelRepository(test_repo).formats()
+    assert ModelFormat.STATE_DICT in formats
+    (test_repo / "linear" / "v9").mkdir()
+    (test_repo / "linear" / "v9" / "model.json").write_text("not json")
+    assert ModelRepository(test_repo).formats() == formats  # an unreadable spec is left out
+
+
+def test_the_export_warm_up_imports_what_a_first_load_needs() -> None:
+    import subprocess
+    import sys
+
+    # A fresh interpreter: this one may have loaded an exported model already.
+    code = (
+        "import sys; from loader.formats import prewarm; from loader.spec import ModelFormat;"
+        "prewarm({ModelFormat.EXPORT}); print('torch._export.serde.serialize' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"

@@ -271,3 +271,37 @@ def test_a_scale_down_keeps_its_choice_while_reports_lag(
     report({"a": 0, "b": 1, "c": 9})  # the same queues: the cancels are not applied yet
     assert keepers(now + 0.25) == {"a"}
     assert keepers(now + 0.5) == {"a"}
+
+
+def test_a_version_taken_to_zero_leaves_the_served_set_in_the_same_tick(
+    client: redis.Redis, test_repo: Path
+) -> None:
+    """Producers poke the scaler only for versions not in the served set: a version the
+    scaler scales to zero must leave it when its workers are told to stop, or a request
+    arriving in between waits a whole tick for its cold start."""
+    import json
+
+    from common import keys
+    from common.contracts import ModelKey
+    from scaler.config import AutoscalerConfig
+    from scaler.loop import ScalerLoop
+    from workers import app
+
+    publish_registry(client, ModelRepository(test_repo).registry())
+    loop = ScalerLoop(
+        AutoscalerConfig(backend="static"), client=client, app=app, backend=_RecordingBackend()
+    )
+    linear = ModelKey("linear", "v1")
+    client.set(keys.worker_report_key("a"), json.dumps({
+        "hostname": "a", "queues": [keys.queue_name(*linear)],
+        "models": [{"name": "linear", "version": "v1", "bytes": 1024, "load_time_s": 0.1}],
+        "busy": {}, "time": time.time(), "report_interval_s": 10,
+    }))  # fmt: skip
+    client.zadd(keys.WORKERS, {"a": time.time() + 60})
+    loop.store.set_override(linear, {"instances": 1})
+    loop.tick(time.time())
+    assert client.smembers(keys.SERVED) == {b"linear/v1"}
+    loop.store.set_override(linear, {"instances": 0})
+    plan = loop.tick(time.time()).plan
+    assert plan is not None and linear not in plan.assignments.get("a", set())
+    assert client.smembers(keys.SERVED) == set()
