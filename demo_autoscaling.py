@@ -152,6 +152,9 @@ async def run(server: Any) -> int:
         await autoscaler.scale_model("tiny_mlp", 2)
         await wait_until(lambda: len(autoscaler.routable_instances("tiny_mlp")) == 2, 60)
         await autoscaler.set_load_balancing("tiny_mlp", LoadBalancingStrategy.ROUND_ROBIN)
+        # Reports lag by up to a second: count from reports written after the burst.
+        since = time.time()
+        await wait_until(lambda: reported_since(autoscaler, since), 10)
         before = served_by_worker(autoscaler)
         results = [predict.delay("tiny_mlp", inputs[i % 16]) for i in range(600)]
         await asyncio.to_thread(lambda: [r.get(timeout=120) for r in results])
@@ -209,6 +212,11 @@ async def run(server: Any) -> int:
     for line in summary:
         print(f"  - {line}")
     return 0 if "did not reach zero" not in summary[-1] else 1
+
+
+def reported_since(autoscaler: Any, since: float) -> bool:
+    reports = autoscaler.store.live_reports()
+    return bool(reports) and all(float(r.get("time", 0)) >= since for r in reports.values())
 
 
 def served_by_worker(autoscaler: Any) -> dict[str, int]:

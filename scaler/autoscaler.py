@@ -183,7 +183,7 @@ class Autoscaler:
         else:
             record = {"weights": weights or {}, "default_version": default_version}
             self._client.hset(keys.TRAFFIC, model_name, json.dumps(record))
-        registry.forget()
+        producer.forget()
         return {"model": model_name, "versions": sorted(versions), **record}
 
     async def set_load_balancing(
@@ -196,14 +196,18 @@ class Autoscaler:
         """The strategy of one model's requests (None: the config's default), with
         instance weights (hostname -> weight) for ``WEIGHTED_ROUND_ROBIN``."""
         self._key(model_name, None)  # an unknown model raises here
+        from tasks.producer import shared_producer
+
         if strategy is None:
             await asyncio.to_thread(self._client.hdel, keys.BALANCING, model_name)
+            shared_producer().forget()
             return {"model": model_name, "strategy": None}
         chosen = LoadBalancingStrategy(strategy)
         if weights and any(not w > 0 for w in weights.values()):
             raise ValueError(f"instance weights {weights} must be positive")
         record = {"strategy": chosen.value, "weights": dict(weights or {})}
         await asyncio.to_thread(self._client.hset, keys.BALANCING, model_name, json.dumps(record))
+        shared_producer().forget()  # other processes see it within their caches' second
         return {"model": model_name, **record}
 
     # -- reading ----------------------------------------------------------------------------

@@ -100,6 +100,13 @@ class Producer:
             self.settings.registry_cache_s, self.balancer.ttl_s, self.served.ttl_s, POKE_INTERVAL_S
         )
 
+    def forget(self) -> None:
+        """Drop the cached lookups: a change made in this process (a traffic split, a
+        balancing strategy) applies to its next request, not a second later."""
+        self.registry.forget()
+        self.balancer.forget()
+        self._hot.clear()
+
     def run(self, reads: Reads[T]) -> T:
         """Drive a lookup on this thread's connection."""
         try:

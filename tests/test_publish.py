@@ -239,3 +239,33 @@ def test_the_envelope_template_packs_what_the_full_packing_packs(
     assert decoded.task_id == task_id and decoded.reply_channel == reply_channel
     assert decoded.expires == expires
     np.testing.assert_array_equal(decoded.args[1], inputs)
+
+
+def test_a_traffic_change_made_in_this_process_applies_to_its_next_request(
+    registry: redis.Redis, redis_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With lookups cached (as in production) the route a request took is reused for a
+    moment; a split or balancing change made here must not wait for that moment."""
+    from common.settings import ServingSettings
+    from scaler import Autoscaler, AutoscalerConfig
+    from tasks import producer as producer_module
+    from tasks.producer import Producer
+
+    producer = Producer(ServingSettings(redis_url=redis_server.url, registry_cache_s=2))
+    monkeypatch.setattr(producer_module, "_producer", producer)
+    v1, v2 = keys.queue_name("linear", "v1"), keys.queue_name("linear", "v2")
+    registry.delete(v1, v2)
+    autoscaler = Autoscaler(AutoscalerConfig(backend="static"))
+
+    def sent_to() -> str:
+        before = {q: registry.llen(q) for q in (v1, v2)}
+        in_own_thread(lambda: send(1))
+        after = {q: registry.llen(q) for q in (v1, v2)}
+        (queue,) = [q for q in (v1, v2) if after[q] > before[q]]
+        return queue
+
+    assert sent_to() == v1  # the default version; the route is now cached
+    asyncio.run(autoscaler.set_traffic_split("linear", None, default_version="v2"))
+    assert sent_to() == v2
+    asyncio.run(autoscaler.set_traffic_split("linear", None))
+    assert sent_to() == v1
