@@ -200,15 +200,18 @@ class Autoscaler:
 
         if strategy is None:
             await asyncio.to_thread(self._client.hdel, keys.BALANCING, model_name)
-            shared_producer().forget()
-            return {"model": model_name, "strategy": None}
-        chosen = LoadBalancingStrategy(strategy)
-        if weights and any(not w > 0 for w in weights.values()):
-            raise ValueError(f"instance weights {weights} must be positive")
-        record = {"strategy": chosen.value, "weights": dict(weights or {})}
-        await asyncio.to_thread(self._client.hset, keys.BALANCING, model_name, json.dumps(record))
+            result: dict[str, Any] = {"model": model_name, "strategy": None}
+        else:
+            chosen = LoadBalancingStrategy(strategy)
+            if weights and any(not w > 0 for w in weights.values()):
+                raise ValueError(f"instance weights {weights} must be positive")
+            record = {"strategy": chosen.value, "weights": dict(weights or {})}
+            await asyncio.to_thread(
+                self._client.hset, keys.BALANCING, model_name, json.dumps(record)
+            )
+            result = {"model": model_name, **record}
         shared_producer().forget()  # other processes see it within their caches' second
-        return {"model": model_name, **record}
+        return result
 
     # -- reading ----------------------------------------------------------------------------
     def get_stats(self) -> dict[str, Any]:

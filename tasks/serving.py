@@ -320,8 +320,9 @@ class ModelServing(bootsteps.StartStopStep):
             self.reporter.registry.publish_if_changed(self.reporter.client, exists=False)
         except Exception as exc:
             logger.warning("worker %s could not publish the registry: %s", worker.hostname, exc)
+        repository = self.server.repository  # read in the thread: a large one takes a while
         threading.Thread(
-            target=prewarm, args=(self.server.repository.formats(),), name="prewarm", daemon=True
+            target=lambda: prewarm(repository.formats()), name="prewarm", daemon=True
         ).start()
         for spec in self.preload:
             name, _, version = spec.partition(":")
