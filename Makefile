@@ -7,7 +7,10 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint typecheck models clean
+# The dashboard's browser test drives Debian's Chromium; run as root, the set-up installs it.
+CHROMIUM ?= /usr/bin/chromium
+
+.PHONY: demo test bench lint typecheck models clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,7 +22,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) demo_autoscaling.py
 
-test: $(STAMP)
+browser:
+	@test -x $(CHROMIUM) || { test "$$(id -u)" = 0 && command -v apt-get >/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+	  >/dev/null; } || echo "note: no $(CHROMIUM): the dashboard's browser test will skip" \
+	  "(as root: apt-get install chromium)"
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

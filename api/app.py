@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import ipaddress
 import json
 import logging
 import time
@@ -34,6 +32,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.dashboard import add_dashboard, authorize
 from api.prometheus import render_metrics
 from common import keys
 from common.errors import (
@@ -253,26 +252,10 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
     ) -> None:
-        if settings.token:
-            given = credentials.credentials if credentials else ""
-            if not hmac.compare_digest(given.encode(), settings.token.encode()):
-                raise HTTPException(
-                    401,
-                    detail="a valid bearer token is required (Authorization: Bearer <API_TOKEN>)",
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-            return
-        host = request.client.host if request.client else ""
-        try:
-            loopback = ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loopback = host in ("localhost", "testclient")
-        if not loopback:
-            raise HTTPException(
-                403, detail="no API_TOKEN is configured: management is open to loopback only"
-            )
+        authorize(request, credentials.credentials if credentials else None, settings.token)
 
     Manage = Depends(manager)
+    add_dashboard(app, settings, Manage)
 
     async def resolve(model: str, version: str | None) -> str:
         client = app.state.client
@@ -392,6 +375,39 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     ) -> dict[str, Any]:
         """SEED.md's key metrics over the window (``model``: one "name/version" only)."""
         return dict(app.state.autoscaler.get_metrics(window_seconds, model=model))
+
+    @app.get("/autoscaler/metrics/series", tags=["autoscaler"])
+    def series(
+        window_seconds: Annotated[int, Query(ge=1, le=metrics_settings().minute_retention_s)] = 300,
+        step_seconds: Annotated[int, Query(ge=1)] = 5,
+        model: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
+        version: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
+        metric: str | None = None,
+    ) -> dict[str, Any]:
+        """Per-step points of the history (``t``: each point's first second): per model
+        version requests, latency percentiles, instances, queued and running requests, cold
+        starts; for the fleet, instances and the scaler's tick time."""
+        try:
+            return dict(
+                app.state.autoscaler.get_metrics_series(
+                    window_seconds, step_seconds, model=model, version=version, metric=metric
+                )
+            )
+        except ValueError as exc:
+            name = str(exc).split("=")[0].split()[0]  # the parameter the message starts with
+            raise HTTPException(
+                422, detail=[{"loc": ["query", name], "msg": str(exc), "type": "value_error"}]
+            ) from None
+
+    @app.get("/autoscaler/alerts", tags=["autoscaler"])
+    def alerts() -> dict[str, Any]:
+        """Alerts firing now, and the latest events (fired, repeated, resolved)."""
+        return dict(app.state.autoscaler.get_alerts())
+
+    @app.get("/autoscaler/workers", tags=["autoscaler"])
+    def workers() -> dict[str, Any]:
+        """Each live worker: host, device, loaded models and their bytes, CPU, RSS, GPU."""
+        return dict(app.state.autoscaler.get_workers())
 
     @app.get("/models", tags=["models"])
     def models() -> dict[str, Any]:

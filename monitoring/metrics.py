@@ -57,29 +57,47 @@ redis.call('EXPIRE', KEYS[2], ARGV[2])
 return 1
 """
 
-# Sums every bucket's fields server-side: a window of 3,600 buckets is one reply.
+# Sums the buckets' fields server-side, ARGV[1] buckets at a time (a point of a series; a
+# window is one group): a window of 3,600 buckets is one reply. Fields are kept when they
+# start with one of the prefixes ARGV[2..] (all when none is given).
 _SUM = """
-local acc = {}
-local order = {}
-for i = 1, #KEYS do
-  local flat = redis.call('HGETALL', KEYS[i])
-  for j = 1, #flat, 2 do
-    local f = flat[j]
-    local v = tonumber(flat[j + 1])
-    if acc[f] == nil then
-      acc[f] = v
-      order[#order + 1] = f
-    else
-      acc[f] = acc[f] + v
+local size = tonumber(ARGV[1])
+local prefixes = {}
+for i = 2, #ARGV do prefixes[#prefixes + 1] = ARGV[i] end
+local function wanted(f)
+  if #prefixes == 0 then return true end
+  for _, p in ipairs(prefixes) do
+    if string.sub(f, 1, #p) == p then return true end
+  end
+  return false
+end
+local groups = {}
+for first = 1, #KEYS, size do
+  local acc = {}
+  local order = {}
+  for i = first, math.min(first + size - 1, #KEYS) do
+    local flat = redis.call('HGETALL', KEYS[i])
+    for j = 1, #flat, 2 do
+      local f = flat[j]
+      if wanted(f) then
+        local v = tonumber(flat[j + 1])
+        if acc[f] == nil then
+          acc[f] = v
+          order[#order + 1] = f
+        else
+          acc[f] = acc[f] + v
+        end
+      end
     end
   end
+  local out = {}
+  for _, f in ipairs(order) do
+    out[#out + 1] = f
+    out[#out + 1] = string.format('%.17g', acc[f])
+  end
+  groups[#groups + 1] = out
 end
-local out = {}
-for _, f in ipairs(order) do
-  out[#out + 1] = f
-  out[#out + 1] = string.format('%.17g', acc[f])
-end
-return out
+return groups
 """
 
 
@@ -325,7 +343,41 @@ class ModelStats:
             "cache_hit_rate": _round(v["hit"] / lookups) if lookups else None,
             "average_instances": _round(v["instances"] / ticks) if ticks else None,
             "average_queue_depth": _round(v["queued"] / ticks) if ticks else None,
+            "average_running": _round(v["held"] / ticks) if ticks else None,
+            "cold_starts": int(v["cold_starts"]),
+            "average_cold_start_ms": _round(v["cold_ms"] / v["cold_starts"])
+            if v["cold_starts"]
+            else None,
         }
+
+
+# What a series point holds per model version (a subset of ``ModelStats.summary``) and for
+# the fleet (of ``summarise``).
+SERIES_METRICS: tuple[str, ...] = (
+    "requests",
+    "requests_per_second",
+    "errors",
+    "error_rate_percent",
+    "p50_response_time_ms",
+    "p95_response_time_ms",
+    "p99_response_time_ms",
+    "average_batch_size",
+    "average_instances",
+    "average_queue_depth",
+    "average_running",
+    "cold_starts",
+    "average_cold_start_ms",
+    "model_loads",
+    "average_load_time_ms",
+)
+FLEET_SERIES: tuple[str, ...] = (
+    "requests_per_second",
+    "average_total_instances",
+    "average_loading_instances",
+    "scale_up_events",
+    "scale_down_events",
+    "average_tick_ms",
+)
 
 
 def _round(value: float | None, digits: int = 3) -> float | None:
@@ -349,18 +401,26 @@ class MetricsHistory:
         """Every field summed over the last ``window_s`` seconds, and the resolution used."""
         end = int(time.time() if now is None else now)
         resolution = self.resolution(window_s)
-        if resolution == 1:
-            bucket_keys = [keys.metrics_second_key(t) for t in range(end - window_s + 1, end + 1)]
-        else:
-            first = (end - window_s) // 60 + 1
-            bucket_keys = [keys.metrics_minute_key(t) for t in range(first, end // 60 + 1)]
-        flat = self._sum(keys=bucket_keys, args=[])
-        return {keys.text(flat[i]): float(flat[i + 1]) for i in range(0, len(flat), 2)}, resolution
+        n = -(-window_s // resolution) if resolution == 1 else end // 60 - (end - window_s) // 60
+        (group,) = self._groups(self._bucket_keys(end, resolution, n), n)
+        return group, resolution
 
-    def window(
-        self, window_s: int, *, now: float | None = None, model: str | None = None
-    ) -> dict[str, Any]:
-        """SEED.md's key metrics over the last ``window_s`` seconds."""
+    def _bucket_keys(self, end: int, resolution: int, n: int) -> list[str]:
+        """The ``n`` buckets of ``resolution`` seconds that end with the one holding ``end``."""
+        if resolution == 1:
+            return [keys.metrics_second_key(t) for t in range(end - n + 1, end + 1)]
+        return [keys.metrics_minute_key(t) for t in range(end // 60 - n + 1, end // 60 + 1)]
+
+    def _groups(
+        self, bucket_keys: list[str], size: int, prefixes: Iterable[str] = ()
+    ) -> list[dict[str, float]]:
+        groups = self._sum(keys=bucket_keys, args=[size, *prefixes])
+        return [
+            {keys.text(flat[i]): float(flat[i + 1]) for i in range(0, len(flat), 2)}
+            for flat in groups
+        ]
+
+    def _check_window(self, window_s: int) -> None:
         if window_s < 1:
             raise ValueError(f"window_seconds={window_s} must be at least 1")
         limit = self.settings.minute_retention_s
@@ -369,9 +429,74 @@ class MetricsHistory:
                 f"window_seconds={window_s} exceeds the kept history of {limit} s "
                 "(METRICS_MINUTE_RETENTION_S)"
             )
+
+    def window(
+        self, window_s: int, *, now: float | None = None, model: str | None = None
+    ) -> dict[str, Any]:
+        """SEED.md's key metrics over the last ``window_s`` seconds."""
+        self._check_window(window_s)
         now = time.time() if now is None else now
         fields, resolution = self.raw(window_s, now)
         return summarise(fields, window_s, resolution, model=model)
+
+    def series(
+        self,
+        window_s: int,
+        step_s: int,
+        *,
+        now: float | None = None,
+        model: str | None = None,
+        version: str | None = None,
+        metric: str | None = None,
+    ) -> dict[str, Any]:
+        """Per-step points over the last ``window_s`` seconds, oldest first.
+
+        ``t`` holds each point's first second; ``models`` holds, per model version, each
+        metric of ``ModelStats.summary`` (or only ``metric``) per point, and ``fleet`` the
+        scaler's figures per point. A step is a whole number of buckets (1 s within the
+        second-bucket retention, else 60 s).
+        """
+        self._check_window(window_s)
+        if metric is not None and metric not in SERIES_METRICS:
+            raise ValueError(f"metric={metric!r} is not one of {', '.join(SERIES_METRICS)}")
+        if version is not None and model is None:
+            raise ValueError("version needs model")
+        resolution = self.resolution(window_s)
+        if step_s < 1 or step_s > window_s:
+            raise ValueError(f"step_seconds={step_s} must be between 1 and window_seconds")
+        per = max(1, -(-step_s // resolution))
+        step = per * resolution
+        points = -(-window_s // step)
+        end = int(time.time() if now is None else now)
+        if model is None:
+            prefixes = [f"{MODEL}|", f"{FLEET}|"]
+        else:
+            subject = f"{model}/{version}|" if version is not None else f"{model}/"
+            prefixes = [f"{MODEL}|{subject}", f"{FLEET}|"]
+        groups = self._groups(self._bucket_keys(end, resolution, points * per), per, prefixes)
+        first = (end // resolution - points * per + 1) * resolution
+        summaries = [summarise(fields, step, resolution) for fields in groups]
+        labels = sorted({label for point in summaries for label in point["models"]})
+        names = [metric] if metric else list(SERIES_METRICS)
+        models: dict[str, dict[str, list[Any]]] = {
+            label: {name: [] for name in names} for label in labels
+        }
+        for fields, point in zip(groups, summaries, strict=True):
+            # A version absent from a point had no requests and, where the scaler ticked,
+            # no instance and nothing queued.
+            idle = ModelStats().summary(step, fields.get(field(FLEET, "-", "n"), 0.0))
+            for label in labels:
+                stats = point["models"].get(label, idle)
+                for name in names:
+                    models[label][name].append(stats[name])
+        return {
+            "window_seconds": window_s,
+            "step_seconds": step,
+            "resolution_seconds": resolution,
+            "t": [first + i * step for i in range(points)],
+            "models": models,
+            "fleet": {name: [point[name] for point in summaries] for name in FLEET_SERIES},
+        }
 
 
 def summarise(
@@ -412,6 +537,7 @@ def summarise(
         "scale_down_events": int(fleet["scale_down"]),
         "cold_starts": int(fleet["cold_starts"]),
         "rejected_requests": int(fleet["rejected"]),
+        "average_tick_ms": _round(fleet["tick_ms"] / ticks) if ticks else None,
     }
     result |= _resources(workers)
     result["models"] = {k: m.summary(window_s, ticks) for k, m in sorted(selected.items())}

@@ -252,6 +252,53 @@ class Autoscaler:
             "alerts": active_alerts(self._client),
         }
 
+    def get_metrics_series(
+        self,
+        window_seconds: int = 300,
+        step_seconds: int = 5,
+        *,
+        model: str | None = None,
+        version: str | None = None,
+        metric: str | None = None,
+    ) -> dict[str, Any]:
+        """Per-step points of the history over the last ``window_seconds`` (SEED.md's
+        historical analysis): per model version, requests, latency percentiles, instances,
+        queued and running requests, cold starts; for the fleet, instances and tick time.
+        ``model``/``version`` narrow it to one model or version, ``metric`` to one metric."""
+        return MetricsHistory(self._client, metrics_settings()).series(
+            window_seconds, step_seconds, model=model, version=version, metric=metric
+        )
+
+    def get_workers(self) -> dict[str, Any]:
+        """Each live worker as its last report tells: host, device, loaded models and their
+        bytes, requests held, CPU, RSS, GPU memory and health."""
+        workers = {}
+        for name, report in sorted(self.store.live_reports().items()):
+            resources = report.get("resources", {})
+            workers[name] = {
+                "host": report.get("host"),
+                "pid": report.get("pid"),
+                "device": report.get("device"),
+                "started_at": report.get("started_at"),
+                "report_time": report.get("time"),
+                "queues": report.get("queues", []),
+                "models": [
+                    {k: m.get(k) for k in ("name", "version", "bytes", "load_time_s", "idle_s")}
+                    for m in report.get("models", [])
+                ],
+                "loading": [f"{m['name']}/{m['version']}" for m in report.get("loading", [])],
+                "loaded_bytes": report.get("loaded_bytes"),
+                "held": report.get("held"),
+                "served": report.get("served"),
+                "failed": report.get("failed"),
+                "cpu_percent": resources.get("cpu_percent"),
+                "rss_bytes": resources.get("rss_bytes"),
+                "gpu": report.get("device_memory", {}),
+                "health": report.get("health", "ok"),
+                "instances_health": report.get("instances_health", {}),
+            }
+        return {"workers": workers}
+
     def get_health_status(self) -> dict[str, Any]:
         try:
             self._client.ping()

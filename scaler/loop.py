@@ -67,6 +67,8 @@ class ScalerLoop:
         self._popularity_at: float | None = None
         self._unloads: dict[str, tuple[float, int, int]] = {}  # worker -> (time, rss, bytes)
         self._cold_since: dict[ModelKey, float] = {}
+        # When the scaler first saw a version's requests wait with no loaded instance.
+        self._cold_started: dict[ModelKey, float] = {}
         self.last: TickResult | None = None
         settings = metrics_settings()
         learning_s = config.zero_scaling.learning_window_hours * 3600
@@ -122,7 +124,7 @@ class ScalerLoop:
         )
         if self.config.enable_metrics and self.metrics.enabled:
             try:
-                self._record_metrics(view, plan, now)
+                self._record_metrics(view, plan, now, result.tick_ms)
             except Exception as exc:  # metrics never stop scaling
                 logger.warning("scaler metrics or alerts failed: %s", exc)
         for d in plan.decisions:
@@ -263,14 +265,27 @@ class ScalerLoop:
 
     def _watch_cold_starts(self, view: FleetView, plan: Plan, now: float) -> None:
         """Record a version whose requests wait past ``cold_start_timeout`` with no loaded
-        instance (a stuck load, no room for a worker): once, as a decision."""
+        instance (a stuck load, no room for a worker): once, as a decision. A cold start
+        is counted with its duration, from the tick that first saw requests wait to the tick
+        that sees an instance serving or nothing left waiting."""
         snapshot = view.snapshot
         limit = self.config.zero_scaling.cold_start_timeout
         for key in set(snapshot.queued) | set(self._cold_since):
             warm = any(key in w.loaded and key in w.serving for w in snapshot.workers.values())
             if warm or snapshot.load(key) == 0:
                 self._cold_since.pop(key, None)
+                # Answered requests end it too: a fast load may finish between reports.
+                started = self._cold_started.pop(key, None)
+                if started is not None:
+                    self.metrics.count(
+                        {
+                            metric_field(MODEL, str(key), "cold_starts"): 1.0,
+                            metric_field(MODEL, str(key), "cold_ms"): (now - started) * 1000,
+                        },
+                        now,
+                    )
                 continue
+            self._cold_started.setdefault(key, now)
             since = self._cold_since.setdefault(key, now)
             if since >= 0 and now - since > limit:
                 n = plan.desired.get(key, 0)
@@ -336,9 +351,9 @@ class ScalerLoop:
             self.store.add_popularity(counts, decay)
             self._popularity_at = now
 
-    def _record_metrics(self, view: FleetView, plan: Plan, now: float) -> None:
+    def _record_metrics(self, view: FleetView, plan: Plan, now: float, tick_ms: float) -> None:
         snapshot = view.snapshot
-        fleet = {"active": 0.0, "loading": 0.0, "total": 0.0}
+        fleet = {"active": 0.0, "loading": 0.0, "total": 0.0, "tick_ms": tick_ms}
         per_model: dict[str, dict[str, float]] = {}
         for worker in snapshot.workers.values():
             for key in worker.serving:
@@ -348,6 +363,8 @@ class ScalerLoop:
                 per_model.setdefault(str(key), {"instances": 0.0})["instances"] += 1
         for key, depth in snapshot.queued.items():
             per_model.setdefault(str(key), {"instances": 0.0})["queued"] = float(depth)
+        for key, held in snapshot.held.items():  # delivered to a worker: running or batched
+            per_model.setdefault(str(key), {"instances": 0.0})["held"] = float(held)
         events: Counter[str] = Counter()
         for d in plan.decisions:
             if d.model.name == "*":

@@ -251,6 +251,19 @@ def test_metrics_of_a_scripted_workload(stack: Stack) -> None:
     workers = {s.labels["worker"] for s in families["inference_worker_rss_bytes"].samples}
     assert stack.worker.hostname in workers
 
+    # The same requests as a series: per-step points that add up to the window.
+    url = "/autoscaler/metrics/series?window_seconds=600&step_seconds=10&model=linear&version=v1"
+    series = stack.http.get(url).json()
+    assert series["step_seconds"] == 10 and len(series["t"]) == 60
+    points = series["models"]["linear/v1"]
+    assert sum(points["requests"]) >= 30 and len(points["p95_response_time_ms"]) == 60
+    one = stack.http.get(url + "&metric=requests").json()["models"]["linear/v1"]
+    assert list(one) == ["requests"]
+    for query, field in (("metric=nope", "metric"), ("step_seconds=0", "step_seconds"),
+                         ("version=v1", "version"), ("model=../x", "model")):  # fmt: skip
+        bad = stack.http.get(f"/autoscaler/metrics/series?window_seconds=60&{query}")
+        assert bad.status_code == 422 and field in bad.text, (query, bad.text)
+
 
 def test_made_up_model_names_never_become_metrics(stack: Stack) -> None:
     for i in range(50):
@@ -270,12 +283,22 @@ def test_read_endpoints_and_schema(stack: Stack) -> None:
     assert set(stats["queues"]) >= {"linear/v2", "small_cnn/v1", "tiny_mlp/v1"}
     health = stack.http.get("/autoscaler/health").json()
     assert health["redis"] == "ok"
+    workers = stack.http.get("/autoscaler/workers").json()["workers"]
+    mine = workers[stack.worker.hostname]
+    assert mine["device"] == "cpu" and mine["gpu"]["gpu"] is None and mine["rss_bytes"] > 0
+    assert {f"{m['name']}/{m['version']}" for m in mine["models"]} == {
+        "example/v1", "linear/v1", "slow/v1"
+    }  # fmt: skip
+    assert all(m["bytes"] > 0 for m in mine["models"] if m["name"] != "slow")
+    alerts = stack.http.get("/autoscaler/alerts").json()
+    assert set(alerts) == {"active", "history"}
     schema = stack.http.get("/openapi.json").json()
     assert set(schema["paths"]) >= {
         "/autoscaler/stats", "/autoscaler/health", "/autoscaler/scale", "/autoscaler/load",
         "/autoscaler/unload", "/autoscaler/metrics", "/predict", "/predict/batch", "/models",
-        "/metrics",
+        "/metrics", "/autoscaler/metrics/series", "/autoscaler/alerts", "/autoscaler/workers",
     }  # fmt: skip
+    assert "/dashboard" not in schema["paths"]
     assert "HTTPBearer" in schema["components"]["securitySchemes"]
 
 

@@ -63,5 +63,10 @@ def test_flower_shows_workers_and_model_queues(
 
         found = wait_for(lengths, timeout_s=30, what="flower's queue lengths")
         assert found[queue] == 0
+
+        # Flower's Prometheus text is closed too; a scraper gives the credentials.
+        assert httpx.get(base + "/metrics", timeout=10).status_code == 401
+        metrics = httpx.get(base + "/metrics", auth=auth, timeout=10)
+        assert metrics.status_code == 200 and "flower_" in metrics.text
     finally:
         flower.stop()

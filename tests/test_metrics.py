@@ -108,6 +108,63 @@ def test_minute_buckets_roll_up_and_buckets_expire(client: redis.Redis) -> None:
         history_.window(7201, now=start)
 
 
+def test_series_points_sum_to_the_window_and_fill_idle_steps(client: redis.Redis) -> None:
+    recorder = MetricsRecorder(client, SETTINGS)
+    tiny, linear = ModelKey("tiny_mlp", "v1"), ModelKey("linear", "v1")
+    # 30 s: tiny_mlp gets i requests in second i of the first 20, linear 2 per second in
+    # the last 10; the scaler ticks every second with tiny_mlp at 1 instance, 3 queued.
+    start = NOW - 29
+    for i in range(30):
+        t = start + i
+        if i < 20:
+            recorder.observe([outcome(tiny, 5.0)] * i, now=t)
+        else:
+            recorder.observe([outcome(linear, 50.0)] * 2, now=t)
+        recorder.gauge("f", "-", {"total": 1.0, "tick_ms": 4.0}, t)
+        recorder.sample({"m|tiny_mlp/v1|instances": 1.0, "m|tiny_mlp/v1|queued": 3.0}, t)
+        if i == 12:
+            recorder.count({"m|tiny_mlp/v1|cold_starts": 1, "m|tiny_mlp/v1|cold_ms": 800.0}, t)
+    recorder.flush()
+    history = MetricsHistory(client, SETTINGS)
+
+    series = history.series(30, 10, now=NOW)
+    assert series["step_seconds"] == 10 and series["resolution_seconds"] == 1
+    assert series["t"] == [start, start + 10, start + 20]
+    tiny_points = series["models"]["tiny_mlp/v1"]
+    assert tiny_points["requests"] == [sum(range(10)), sum(range(10, 20)), 0]
+    assert tiny_points["requests_per_second"] == [4.5, 14.5, 0.0]
+    assert tiny_points["average_instances"] == [1.0, 1.0, 1.0]
+    assert tiny_points["average_queue_depth"] == [3.0, 3.0, 3.0]
+    assert tiny_points["cold_starts"] == [0, 1, 0]
+    assert tiny_points["average_cold_start_ms"] == [None, 800.0, None]
+    p50 = tiny_points["p50_response_time_ms"]
+    assert p50[2] is None and abs(p50[0] - 5.0) <= 5.0 * 0.25
+    linear_points = series["models"]["linear/v1"]
+    # linear had no instance gauge: idle steps read 0 requests and 0 instances
+    assert linear_points["requests"] == [0, 0, 20]
+    assert linear_points["average_instances"] == [0.0, 0.0, 0.0]
+    assert series["fleet"]["average_tick_ms"] == [4.0, 4.0, 4.0]
+    # the points add up to the window's totals
+    window = history.window(30, now=NOW)
+    for label, points in series["models"].items():
+        assert sum(points["requests"]) == window["models"][label]["requests"]
+
+    one = history.series(30, 7, now=NOW, model="tiny_mlp", metric="requests")
+    assert list(one["models"]) == ["tiny_mlp/v1"]
+    assert list(one["models"]["tiny_mlp/v1"]) == ["requests"]
+    assert sum(one["models"]["tiny_mlp/v1"]["requests"]) == sum(range(20))
+    assert len(one["t"]) == 5 and one["t"][-1] + 7 - 1 == NOW  # the last point ends now
+    assert history.series(30, 10, now=NOW, model="linear", version="v2")["models"] == {}
+    with pytest.raises(ValueError, match="metric='nope' is not one of"):
+        history.series(30, 10, now=NOW, metric="nope")
+    with pytest.raises(ValueError, match="step_seconds=0"):
+        history.series(30, 0, now=NOW)
+    # beyond the second buckets' retention the steps are whole minutes
+    hourly = history.series(7200, 30, now=NOW)
+    assert hourly["step_seconds"] == 60 and hourly["resolution_seconds"] == 60
+    assert sum(hourly["models"]["tiny_mlp/v1"]["requests"]) == sum(range(20))
+
+
 def test_worker_gauges_and_no_gpu_state(client: redis.Redis) -> None:
     recorder = MetricsRecorder(client, SETTINGS)
     for t in range(4):
