@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -60,3 +62,20 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(x)
+
+
+class Flaky(nn.Module):
+    """Doubles its input; raises while the file ``fail_path`` (or ``FLAKY_FAIL_PATH`` in this
+    worker's environment) exists: a model turning sick on demand, in every worker or in one
+    (the demo's failing health probe)."""
+
+    def __init__(self, features: int = 4, fail_path: str = "") -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((features,), 2.0))
+        self.fail_path = fail_path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        path = self.fail_path or os.environ.get("FLAKY_FAIL_PATH", "")
+        if path and os.path.exists(path):
+            raise RuntimeError(f"{path} exists: failing on purpose")
+        return x * self.scale

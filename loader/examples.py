@@ -5,6 +5,9 @@
 - ``linear/v1`` and ``linear/v2``: state dicts for the ``linear`` factory, float32[8] -> 4,
   with different weights (v1 is the default version).
 - ``example/v1``: SEED.md's model name, float32[3] -> 2; the HTTP API's default model.
+
+``write_flaky`` adds ``flaky/v1`` (float32[4] -> doubled), which fails while a given file
+exists: the demo turns its health probe sick with it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 
 import torch
 
-from loader.example_models import Linear, SmallCNN, TinyMLP
+from loader.example_models import Flaky, Linear, SmallCNN, TinyMLP
 
 EXAMPLE_MODELS = ("tiny_mlp", "small_cnn", "linear", "example")
 
@@ -102,6 +105,23 @@ def write_example(root: Path) -> None:
         root, "example", "v1", seed=1, features=(3, 2),
         about="affine 3 -> 2 (the API's default model)",
     )  # fmt: skip
+
+
+def write_flaky(root: Path | str, fail_path: Path | str) -> None:
+    folder = Path(root) / "flaky" / "v1"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(Flaky(4).state_dict(), folder / "model.pt")
+    _write_spec(
+        folder,
+        {
+            "format": "state_dict",
+            "file": "model.pt",
+            "factory": "flaky",
+            "factory_kwargs": {"features": 4, "fail_path": str(fail_path)},
+            "input": {"dtype": "float32", "shape": [4]},
+            "description": f"doubles its input; fails while {fail_path} exists",
+        },
+    )
 
 
 def write_examples(root: Path | str) -> Path:

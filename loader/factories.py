@@ -25,6 +25,7 @@ _factories: dict[str, Factory] = {
     "tiny_mlp": example_models.TinyMLP,
     "small_cnn": example_models.SmallCNN,
     "linear": example_models.Linear,
+    "flaky": example_models.Flaky,
 }
 
 

@@ -101,8 +101,9 @@ class ScalerLoop:
         self._publish_registry()
         view = self.store.read(now)
         self._reap(view, now)
-        self._failover(view)
+        gone = self._failover(view)
         plan, self.state = decide(self._as_commanded(view, now), self.config, self.state)
+        plan.decisions[:0] = gone
         result = TickResult(leader=True, plan=plan)
         self._watch_cold_starts(view, plan, now)
         self._apply(plan, view, now, result)
@@ -241,10 +242,12 @@ class ScalerLoop:
                 members.setdefault(keys.model_key_text(*key), []).append(name)
         return {k: sorted(v) for k, v in sorted(members.items())}
 
-    def _failover(self, view: FleetView) -> None:
+    def _failover(self, view: FleetView) -> list[Decision]:
         """A worker that stopped reporting: what it held and what waits in its instance
-        queues go back to the shared queues now, not after its lease expires."""
+        queues go back to the shared queues now, not after its lease expires. Each, but a
+        stop the scaler asked that held nothing, is a decision of the fleet (model ``*``)."""
         starting = {n for n, w in view.snapshot.workers.items() if w.starting}
+        gone = []
         for hostname in sorted(view.consumers - set(view.reports) - starting):
             moved = broker.release(functools.partial(broker.run, self.store.client), hostname)
             self._forget_routing(hostname)
@@ -256,6 +259,11 @@ class ScalerLoop:
                 )
             else:
                 logger.info("worker %s is gone; it held no requests", hostname)
+            record = view.fleet.get(hostname)
+            if moved or record is None or not record.stopping:  # not a stop the scaler asked
+                reason = f"worker {hostname} gone: {moved} of its requests back to their queues"
+                gone.append(Decision(ModelKey("*", "*"), 0, 0, reason))
+        return gone
 
     def _forget_routing(self, hostname: str) -> None:
         pipe = self.store.client.pipeline(transaction=False)

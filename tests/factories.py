@@ -60,20 +60,3 @@ class Slowed(Recorder):
         if extra:
             time.sleep(extra)
         return super().forward(x)
-
-
-@register_factory("flaky")
-class Flaky(nn.Module):
-    """Doubles its input; raises while the file ``fail_path`` (or ``FLAKY_FAIL_PATH`` in this
-    worker's environment) exists: a model turning sick, in every worker or in one."""
-
-    def __init__(self, features: int = 4, fail_path: str = "") -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.full((features,), 2.0))
-        self.fail_path = fail_path
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        path = self.fail_path or os.environ.get("FLAKY_FAIL_PATH", "")
-        if path and os.path.exists(path):
-            raise RuntimeError(f"{path} exists: failing on purpose")
-        return x * self.scale

@@ -151,6 +151,13 @@ def test_a_killed_worker_s_own_queue_is_failed_over_at_once(
         assert executed == set(range(40))
         decisions = json.loads(client.get(keys.SCALER_STATUS) or "{}")
         assert victim.hostname not in decisions.get("workers", {})
+        # The failover is in the scaler's decisions log (the dashboard shows it).
+        gone = [
+            d["reason"]
+            for d in ScalerStore(client).decisions()
+            if d["reason"].startswith(f"worker {victim.hostname} gone: ")
+        ]
+        assert len(gone) == 1 and int(gone[0].split(": ")[1].split()[0]) > 0, gone
     finally:
         beat.stop()
         for worker in (victim, other):

@@ -54,17 +54,23 @@ async function manage(method, path, body) {
 }
 
 // -- model versions -----------------------------------------------------------------------
-function chartOptions(title, labels, width) {
+function chartOptions(title, labels, width, twoScales) {
+  const floor = (u, min, max) => [0, Math.max(1, max * 1.1)];
+  // Instances and requests differ by orders of magnitude: the second series gets its own axis.
+  const scaleOf = (i) => (twoScales && i === 1 ? "r" : "y");
   return {
     title,
     width,
     height: 170,
-    scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(1, max * 1.1)] } },
+    scales: { x: { time: true }, y: { range: floor }, r: { range: floor } },
     // Points shown: a step with traffic between idle ones has no line to draw.
     series: [{}, ...labels.map((label, i) => ({
-      label, stroke: COLORS[i % COLORS.length], width: 1.5, spanGaps: false, points: { show: true, size: 4 },
+      label, scale: scaleOf(i), stroke: COLORS[i % COLORS.length], width: 1.5, spanGaps: false,
+      points: { show: true, size: 4 },
     }))],
-    axes: [{}, { size: 50 }],
+    axes: twoScales
+      ? [{}, { scale: "y", size: 40 }, { scale: "r", side: 1, size: 50, grid: { show: false } }]
+      : [{}, { size: 50 }],
     legend: { live: false },
   };
 }
@@ -124,7 +130,8 @@ function renderModels(series, metrics, stats) {
       for (const [name, [title, names]] of Object.entries(CHARTS)) {
         const box = card.querySelector(`[data-chart="${name}"]`);
         const width = Math.max(300, box.clientWidth || 360);
-        dashboard.charts[label][name] = new uPlot(chartOptions(title, names, width), [[], ...names.map(() => [])], box);
+        const options = chartOptions(title, names, width, name === "instances");
+        dashboard.charts[label][name] = new uPlot(options, [[], ...names.map(() => [])], box);
       }
     }
     const data = modelCharts(label, series);
@@ -182,7 +189,7 @@ function renderScaler(stats, health, series) {
   document.getElementById("scaler").replaceChildren(...rows.flatMap(([k, v]) => [el("dt", {}, k), el("dd", { "data-scaler": k }, v)]));
   const body = document.querySelector("#decisions tbody");
   body.replaceChildren(...stats.decisions.slice(0, 25).map((d) =>
-    el("tr", {}, el("td", {}, clock(d.time)), el("td", {}, `${d.model}/${d.version}`),
+    el("tr", {}, el("td", {}, clock(d.time)), el("td", {}, d.model === "*" ? "fleet" : `${d.model}/${d.version}`),
       el("td", {}, `${d.from} → ${d.to}`), el("td", {}, d.reason))));
 }
 
