@@ -401,7 +401,7 @@ class MetricsHistory:
         """Every field summed over the last ``window_s`` seconds, and the resolution used."""
         end = int(time.time() if now is None else now)
         resolution = self.resolution(window_s)
-        n = -(-window_s // resolution) if resolution == 1 else end // 60 - (end - window_s) // 60
+        n = window_s if resolution == 1 else end // 60 - (end - window_s) // 60
         (group,) = self._groups(self._bucket_keys(end, resolution, n), n)
         return group, resolution
 
@@ -454,14 +454,15 @@ class MetricsHistory:
         ``t`` holds each point's first second; ``models`` holds, per model version, each
         metric of ``ModelStats.summary`` (or only ``metric``) per point, and ``fleet`` the
         scaler's figures per point. A step is a whole number of buckets (1 s within the
-        second-bucket retention, else 60 s).
+        second-bucket retention, else 60 s; 60 s also for steps of a minute or more).
         """
         self._check_window(window_s)
         if metric is not None and metric not in SERIES_METRICS:
             raise ValueError(f"metric={metric!r} is not one of {', '.join(SERIES_METRICS)}")
         if version is not None and model is None:
             raise ValueError("version needs model")
-        resolution = self.resolution(window_s)
+        # Steps of a minute or more read the minute buckets: 60 times fewer keys to sum.
+        resolution = 60 if step_s >= 60 else self.resolution(window_s)
         if step_s < 1 or step_s > window_s:
             raise ValueError(f"step_seconds={step_s} must be between 1 and window_seconds")
         per = max(1, -(-step_s // resolution))

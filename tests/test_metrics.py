@@ -159,10 +159,13 @@ def test_series_points_sum_to_the_window_and_fill_idle_steps(client: redis.Redis
         history.series(30, 10, now=NOW, metric="nope")
     with pytest.raises(ValueError, match="step_seconds=0"):
         history.series(30, 0, now=NOW)
-    # beyond the second buckets' retention the steps are whole minutes
-    hourly = history.series(7200, 30, now=NOW)
-    assert hourly["step_seconds"] == 60 and hourly["resolution_seconds"] == 60
-    assert sum(hourly["models"]["tiny_mlp/v1"]["requests"]) == sum(range(20))
+    # beyond the second buckets' retention, or for steps of a minute or more, the steps are
+    # whole minutes of the minute buckets
+    for window, step in ((7200, 30), (600, 90)):
+        coarse = history.series(window, step, now=NOW)
+        assert coarse["step_seconds"] in (60, 120) and coarse["resolution_seconds"] == 60
+        assert sum(coarse["models"]["tiny_mlp/v1"]["requests"]) == sum(range(20))
+        assert all(t % 60 == 0 for t in coarse["t"])
 
 
 def test_worker_gauges_and_no_gpu_state(client: redis.Redis) -> None:
