@@ -18,6 +18,7 @@ import pytest
 import redis
 
 from api.dashboard import SESSION_COOKIE, session_value
+from common import keys
 from tests.helpers import ApiProcess, BeatProcess, stop_fleet, wait_for
 
 pytestmark = pytest.mark.timeout(240)
@@ -80,6 +81,11 @@ def stack(tmp_path: Path, test_repo: Path, client: redis.Redis) -> Iterator[Stac
     api = ApiProcess("dash-api", env={**env, "API_TOKEN": TOKEN}, log_dir=tmp_path)
     try:
         api.wait_ready()
+        wait_for(
+            lambda: client.exists(keys.REGISTRY) or beat.proc.poll() is not None,
+            what="the scaler to publish the registry",
+        )
+        assert beat.proc.poll() is None, beat.log()
         yield Stack(api, client, tmp_path)
     finally:
         api.stop()
@@ -159,9 +165,10 @@ def test_the_dashboard_draws_the_api_s_numbers_and_its_controls_scale(
             workers = stack.get("/autoscaler/workers")["workers"]
             serving = [n for n, w in workers.items() if w["models"]]
             assert serving
-            row = page.locator(f'[data-worker="{serving[0]}"]')
+            # (the page polls every 2 s: its next poll sees what the API saw)
+            row = page.locator(f'[data-worker="{serving[0]}"]', has_text="tiny_mlp/v1")
             row.wait_for(timeout=10_000)
-            assert "tiny_mlp/v1" in row.inner_text() and "no GPU" in row.inner_text()
+            assert "no GPU" in row.inner_text()
 
             # A control click changes the fleet.
             page.select_option("#ctl-version", "tiny_mlp/v1")
