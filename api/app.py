@@ -27,6 +27,7 @@ from typing import Annotated, Any
 
 import numpy as np
 import redis
+from celery.exceptions import TaskRevokedError
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -166,23 +167,36 @@ class PayloadLimit:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await self._refuse(send, int(length))
+        if length is not None and length.isdigit():
+            if int(length) > self.limit:
+                return await self._refuse(send, int(length))
+            return await self.app(scope, receive, send)
+        # No length given (a chunked body): read it here, up to the limit, so that an
+        # oversized one is refused with 413 before the app (whose body parser would turn
+        # an error into a 400) sees any of it.
+        chunks: list[bytes] = []
         seen = 0
-
-        async def limited() -> Any:
-            nonlocal seen
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge(seen)
-            return message
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > self.limit:
+                return await self._refuse(send, seen)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge as exc:
-            await self._refuse(send, exc.size)
+        async def replay() -> Any:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # disconnect
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
 
     async def _refuse(self, send: Any, size: int) -> None:
         body = json.dumps(
@@ -199,12 +213,6 @@ class PayloadLimit:
             }
         )
         await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    def __init__(self, size: int) -> None:
-        super().__init__(size)
-        self.size = size
 
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
@@ -468,6 +476,14 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         raw = await _await_result(app, pending, timeout, settings.cold_start_timeout_s)
         try:
             outputs = decode_result(raw)
+        except TaskRevokedError as exc:
+            if str(exc) != "expired":
+                raise HTTPException(409, detail=f"the request was revoked: {exc}") from None
+            raise HTTPException(
+                504,
+                detail=f"no answer from {model}/{version} within the timeout of {timeout:g} s "
+                "(the request expired before a worker ran it)",
+            ) from None
         except Exception as exc:
             raise HTTPException(status_of(exc), detail=str(exc)) from None
         if isinstance(outputs, np.ndarray):

@@ -144,6 +144,27 @@ def test_oversized_body_is_413(stack: Stack) -> None:
     assert response.status_code == 413
     assert "MAX_PAYLOAD_BYTES" in response.text
 
+    def chunks() -> Iterator[bytes]:  # no content-length: a chunked body
+        yield b'{"inputs": ['
+        for _ in range(9 * 1024):
+            yield b"1," * 1024
+        yield b"1]}"
+
+    chunked = stack.http.post(
+        "/predict", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert chunked.status_code == 413, chunked.text
+    assert "MAX_PAYLOAD_BYTES" in chunked.text
+
+    def small() -> Iterator[bytes]:  # a chunked body under the limit is served
+        yield b'{"model": "linear", '
+        yield b'"inputs": [1, 2, 3, 4, 5, 6, 7, 8]}'
+
+    served = stack.http.post(
+        "/predict", content=small(), headers={"content-type": "application/json"}
+    )
+    assert served.status_code == 200, served.text
+
 
 def test_timeout_is_504_and_no_instance_is_503(stack: Stack) -> None:
     # slow/v1 is loaded and consumed but takes 3 s: a 1 s timeout answers 504.
@@ -154,6 +175,12 @@ def test_timeout_is_504_and_no_instance_is_503(stack: Stack) -> None:
     assert response.status_code == 504, response.text
     assert "within the timeout of 1 s" in response.text
     assert time.monotonic() - started < 5
+    # A timeout shorter than the trip: the worker finds the request expired; 504 too.
+    response = stack.http.post(
+        "/predict", json={"model": "linear", "inputs": [1.0] * 8, "timeout": 0.001}
+    )
+    assert response.status_code == 504, response.text
+    assert "within the timeout of 0.001 s" in response.text
     # linear/v2: nobody serves it and no scaler runs: 503 after API_COLD_START_TIMEOUT_S.
     started = time.monotonic()
     response = stack.http.post(
