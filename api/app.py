@@ -291,10 +291,30 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         target_instances: Annotated[int, Query(ge=0, le=1000)],
         version: Annotated[str | None, Query(max_length=128)] = None,
     ) -> dict[str, Any]:
-        """Pin a version's instances (kept until changed; ``target_instances`` 0 is zero)."""
+        """Pin a version's instances (kept until changed or released with ``DELETE``;
+        ``target_instances`` 0 is zero). ``replaced``: the manual command this replaced."""
         resolved = await resolve(model_name, version)
-        await app.state.autoscaler.scale_model(model_name, target_instances, version=resolved)
-        return {"model": model_name, "version": resolved, "target_instances": target_instances}
+        replaced = await app.state.autoscaler.scale_model(
+            model_name, target_instances, version=resolved
+        )
+        return {
+            "model": model_name, "version": resolved, "target_instances": target_instances,
+            "replaced": replaced,
+        }  # fmt: skip
+
+    @app.delete(
+        "/autoscaler/scale", tags=["autoscaler"], dependencies=[Manage], responses=MANAGEMENT_ERRORS
+    )
+    async def release(
+        model_name: Annotated[str, Query(max_length=128)],
+        version: Annotated[str | None, Query(max_length=128)] = None,
+    ) -> dict[str, Any]:
+        """Give a version back to the automatic policy (drops a pin, a load or an unload)."""
+        resolved = await resolve(model_name, version)
+        replaced = await app.state.autoscaler.scale_model(model_name, None, version=resolved)
+        return {
+            "model": model_name, "version": resolved, "state": "automatic", "replaced": replaced,
+        }  # fmt: skip
 
     @app.post(
         "/autoscaler/load", tags=["autoscaler"], dependencies=[Manage], responses=MANAGEMENT_ERRORS
@@ -305,8 +325,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     ) -> dict[str, Any]:
         """Load a version now and keep it loaded until it is unloaded."""
         resolved = await resolve(model_name, version)
-        await app.state.autoscaler.load_model(model_name, resolved)
-        return {"model": model_name, "version": resolved, "state": "loading"}
+        replaced = await app.state.autoscaler.load_model(model_name, resolved)
+        return {"model": model_name, "version": resolved, "state": "loading", "replaced": replaced}
 
     @app.delete(
         "/autoscaler/unload",
@@ -320,8 +340,10 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     ) -> dict[str, Any]:
         """Take a version to zero now; a later request brings it back."""
         resolved = await resolve(model_name, version)
-        await app.state.autoscaler.unload_model(model_name, resolved)
-        return {"model": model_name, "version": resolved, "state": "unloading"}
+        replaced = await app.state.autoscaler.unload_model(model_name, resolved)
+        return {
+            "model": model_name, "version": resolved, "state": "unloading", "replaced": replaced,
+        }  # fmt: skip
 
     @app.post(
         "/autoscaler/traffic", tags=["autoscaler"], dependencies=[Manage],

@@ -132,23 +132,30 @@ class Autoscaler:
 
     async def scale_model(
         self, model_name: str, target_instances: int | None, *, version: str | None = None
-    ) -> None:
-        """Pin a version's instances; ``None`` gives it back to the automatic policy."""
+    ) -> dict[str, Any] | None:
+        """Pin a version's instances; ``None`` gives it back to the automatic policy.
+        Returns the manual command this replaced (a pin, a load or an unload), if any."""
         if target_instances is not None and target_instances < 0:
             raise ValueError(f"target_instances={target_instances} is below 0")
         key = self._key(model_name, version)
         record = None if target_instances is None else {"instances": int(target_instances)}
-        await asyncio.to_thread(self.store.set_override, key, record)
+        return await asyncio.to_thread(self.store.set_override, key, record)
 
-    async def load_model(self, model_name: str, version: str | None = None) -> None:
-        """Load a version now and keep it loaded until ``unload_model``."""
+    async def load_model(
+        self, model_name: str, version: str | None = None
+    ) -> dict[str, Any] | None:
+        """Load a version now and keep it loaded until ``unload_model`` (returns the manual
+        command this replaced, if any)."""
         key = self._key(model_name, version)
-        await asyncio.to_thread(self.store.set_override, key, {"load": True})
+        return await asyncio.to_thread(self.store.set_override, key, {"load": True})
 
-    async def unload_model(self, model_name: str, version: str | None = None) -> None:
-        """Take a version to zero now; a later request brings it back."""
+    async def unload_model(
+        self, model_name: str, version: str | None = None
+    ) -> dict[str, Any] | None:
+        """Take a version to zero now; a later request brings it back (returns the manual
+        command this replaced, if any)."""
         key = self._key(model_name, version)
-        await asyncio.to_thread(self.store.set_override, key, {"unload_at": time.time()})
+        return await asyncio.to_thread(self.store.set_override, key, {"unload_at": time.time()})
 
     async def set_traffic_split(
         self,

@@ -317,13 +317,19 @@ class ScalerStore:
             pipe.hset(keys.POPULARITY, mapping=kept)
         pipe.execute()
 
-    def set_override(self, key: ModelKey, record: dict[str, Any] | None) -> None:
+    def set_override(self, key: ModelKey, record: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Set (or with None, clear) a version's manual command; returns the one replaced.
+        The latest command wins: a pin, a load and an unload replace each other."""
         field_name = keys.model_key_text(*key)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hget(keys.OVERRIDES, field_name)
         if record is None:
-            self.client.hdel(keys.OVERRIDES, field_name)
+            pipe.hdel(keys.OVERRIDES, field_name)
         else:
-            self.client.hset(keys.OVERRIDES, field_name, json.dumps(record))
-        self.client.publish(keys.SCALER_POKE, field_name)
+            pipe.hset(keys.OVERRIDES, field_name, json.dumps(record))
+        pipe.publish(keys.SCALER_POKE, field_name)
+        previous = pipe.execute()[0]
+        return dict(json.loads(previous)) if previous else None
 
     def decisions(self, limit: int = 100) -> list[dict[str, Any]]:
         return [json.loads(raw) for raw in self.client.lrange(keys.SCALER_DECISIONS, 0, limit - 1)]

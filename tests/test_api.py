@@ -198,7 +198,9 @@ def test_management_needs_the_token(stack: Stack) -> None:
     assert wrong.status_code == 401
     ok = stack.http.post(url + "&version=v2", headers=AUTH)
     assert ok.status_code == 200, ok.text
-    assert ok.json() == {"model": "linear", "version": "v2", "target_instances": 2}
+    assert ok.json() == {
+        "model": "linear", "version": "v2", "target_instances": 2, "replaced": None,
+    }  # fmt: skip
     import json
 
     override = json.loads(stack.redis.hget(keys.OVERRIDES, "linear/v2"))
@@ -207,11 +209,21 @@ def test_management_needs_the_token(stack: Stack) -> None:
         "model": "tiny_mlp",
         "version": "v1",
         "state": "loading",
+        "replaced": None,
     }
     assert json.loads(stack.redis.hget(keys.OVERRIDES, "tiny_mlp/v1")) == {"load": True}
     unload = stack.http.delete("/autoscaler/unload?model_name=tiny_mlp&version=v1", headers=AUTH)
     assert unload.status_code == 200
+    assert unload.json()["replaced"] == {"load": True}  # the latest command wins, and says so
     assert "unload_at" in json.loads(stack.redis.hget(keys.OVERRIDES, "tiny_mlp/v1"))
+    # A pin (or a load, an unload) is released over HTTP: back to the automatic policy.
+    release = "/autoscaler/scale?model_name=linear&version=v2"
+    assert stack.http.delete(release).status_code == 401
+    released = stack.http.delete(release, headers=AUTH)
+    assert released.status_code == 200, released.text
+    assert released.json()["replaced"] == {"instances": 2}
+    assert stack.redis.hget(keys.OVERRIDES, "linear/v2") is None
+    assert stack.http.delete(release, headers=AUTH).json()["replaced"] is None
     assert stack.http.post("/autoscaler/load?model_name=nope", headers=AUTH).status_code == 404
     negative = stack.http.post(
         "/autoscaler/scale?model_name=linear&target_instances=-1", headers=AUTH

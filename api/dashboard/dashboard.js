@@ -225,6 +225,8 @@ async function control(action) {
   if (action === "scale") {
     const n = document.getElementById("ctl-instances").value;
     call = manage("POST", `/autoscaler/scale?model_name=${model}&version=${version}&target_instances=${encodeURIComponent(n)}`);
+  } else if (action === "release") {
+    call = manage("DELETE", `/autoscaler/scale?model_name=${model}&version=${version}`);
   } else if (action === "load") {
     call = manage("POST", `/autoscaler/load?model_name=${model}&version=${version}`);
   } else if (action === "unload") {
@@ -245,7 +247,7 @@ async function control(action) {
   poll();
 }
 
-for (const action of ["scale", "load", "unload", "traffic", "traffic-reset"]) {
+for (const action of ["scale", "release", "load", "unload", "traffic", "traffic-reset"]) {
   document.getElementById(`ctl-${action}`).addEventListener("click", () => control(action));
 }
 document.getElementById("window").addEventListener("change", () => poll());
