@@ -49,7 +49,7 @@ from common.errors import (
     UnknownModelError,
 )
 from common.settings import ApiSettings, api_settings, metrics_settings, serving_settings
-from loader.spec import InputSchema
+from loader.spec import NOT_FINITE, InputSchema
 from scaler.config import LoadBalancingStrategy
 from tasks.producer import Call, Pending, decode_result
 
@@ -554,7 +554,7 @@ def _as_array(inputs: list[Any], schema: InputSchema, *, single: bool) -> np.nda
     if not single and array.shape[0] == 0:
         raise _invalid("inputs", "a batch needs at least one row")
     if array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise _invalid("inputs", "inputs must be finite numbers")
+        raise _invalid("inputs", NOT_FINITE)
     return array
 
 

@@ -29,7 +29,7 @@ import torch
 from common.contracts import ModelKey
 from common.errors import InferenceError, ModelExecutionError, SchemaError
 from loader.cache import CachedModel, ModelCache, ModelState
-from loader.spec import InputSchema
+from loader.spec import NOT_FINITE, InputSchema
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,8 @@ def as_rows(inputs: Any, schema: InputSchema, *, single: bool) -> tuple[np.ndarr
             f"batch shape {list(array.shape)} is not [n>=1, {', '.join(map(str, schema.shape))}] "
             f"for the model's input {schema.describe()}"
         )
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise SchemaError(NOT_FINITE)
     return (array[None] if single else array), kind
 
 

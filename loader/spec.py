@@ -24,6 +24,10 @@ ALLOWED_DTYPES = frozenset(
 )
 
 
+# One rule for every path (the HTTP API, predict.delay): NaN or inf in only comes out as NaN.
+NOT_FINITE = "inputs must be finite numbers (NaN or inf found)"
+
+
 def check_name(name: object) -> str:
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
         raise InvalidNameError(

@@ -108,6 +108,8 @@ def test_predict_single_and_batch(stack: Stack) -> None:
         ({"model": "linear", "version": "v9", "inputs": [1] * 8}, 404, "has no version 'v9'"),
         ({"inputs": [1, 2]}, 422, "shape [2] does not match the model's input float32[3]"),
         ({"inputs": ["a", "b", "c"]}, 422, "not a numeric array of float32[3]"),
+        ({"inputs": [1, float("nan"), 3]}, 422, "inputs must be finite numbers"),
+        ({"inputs": [1, float("inf"), 3]}, 422, "inputs must be finite numbers"),
         ({"inputs": [1, 2, 3], "priority": 12}, 422, "priority"),
         ({"inputs": [1, 2, 3], "colour": "red"}, 422, "colour"),
         ({"inputs": [1, 2, 3], "timeout": -1}, 422, "timeout"),

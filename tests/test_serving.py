@@ -185,6 +185,7 @@ def test_a_bad_request_fails_alone_in_its_batch(worker: WorkerProcess) -> None:
     raising = predict.delay("picky", [-1.0, 1.0, 1.0, 1.0])  # the model raises on this row
     wrong_shape = predict.delay("picky", [1.0, 2.0])
     wrong_dtype = predict.delay("picky", np.ones(4, np.float64))
+    not_finite = [predict.delay("picky", [1.0, v, 1.0, 1.0]) for v in (np.nan, np.inf, -np.inf)]
     assert [r.get(timeout=30)[0] for r in good] == [1.0, 2.0, 3.0, 4.0, 5.0]
     with pytest.raises(ModelExecutionError, match="negative first feature"):
         raising.get(timeout=30)
@@ -192,6 +193,9 @@ def test_a_bad_request_fails_alone_in_its_batch(worker: WorkerProcess) -> None:
         wrong_shape.get(timeout=30)
     with pytest.raises(SchemaError, match=r"dtype float64 .* float32\[4\]"):
         wrong_dtype.get(timeout=30)
+    for result in not_finite:  # the HTTP API's rule (422 there)
+        with pytest.raises(SchemaError, match="finite numbers"):
+            result.get(timeout=30)
 
 
 def test_unknown_model_or_version_fails_in_the_producer(worker: WorkerProcess) -> None:
