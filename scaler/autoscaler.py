@@ -94,16 +94,19 @@ class Autoscaler:
             pubsub.close()
 
     async def stop(self, *, stop_workers: bool = False) -> None:
-        """Stop this process's scaler loop; with ``stop_workers``, also the workers it started."""
+        """Stop this process's scaler loop; with ``stop_workers``, also the workers it started
+        (when it led: the leader's fleet is not another scaler's to stop)."""
         self._stopping.set()
         self._alerts.stop()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10)
             self._thread = None
         if self._loop is not None:
+            # A scaler that did not lead leaves the fleet to the one that does.
+            led = self._loop.last is not None and self._loop.last.leader
             self._loop.store.resign()
             backend = self._loop.backend
-            if stop_workers and hasattr(backend, "stop_all"):
+            if stop_workers and led and hasattr(backend, "stop_all"):
                 await asyncio.to_thread(backend.stop_all)
 
     # -- requests ---------------------------------------------------------------------------
@@ -378,11 +381,12 @@ class ZeroScaler:
 
     @contextlib.asynccontextmanager
     async def scaler_context(self) -> AsyncIterator[ZeroScaler]:
+        """The scaler runs inside; leaving drains and stops the workers it started."""
         await self.autoscaler.start()
         try:
             yield self
         finally:
-            await self.autoscaler.stop()
+            await self.autoscaler.stop(stop_workers=True)
 
     async def predict(self, model_name: str, inputs: Any, *, version: str | None = None) -> Any:
         return await self.autoscaler.predict(model_name, inputs, version=version)

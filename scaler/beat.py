@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from typing import Any
 
@@ -130,6 +131,24 @@ class ScalerScheduler(beat.Scheduler):
         assert self._waiter is not None
         self._waiter.wait(max(0.0, min(period - (time.monotonic() - started), next_task or period)))
         return 0.0
+
+    def close(self) -> None:
+        """Beat is stopping. A stop the user asked (Ctrl-C, SIGTERM) drains and stops the
+        workers this scaler started, if it led; a crash leaves them to the next scaler,
+        which adopts them."""
+        # Celery's SIGTERM/SIGINT handler calls this, then beat's exit does again.
+        crashed = isinstance(sys.exc_info()[1], Exception)
+        loop, self._loop = self._loop, None
+        # A scaler that did not lead leaves the fleet to the one that does.
+        led = loop is not None and loop.last is not None and loop.last.leader
+        if led and not crashed and loop is not None and hasattr(loop.backend, "stop_all"):
+            logger.info("scaler stopping: draining the workers it started")
+            try:
+                loop.backend.stop_all()
+                loop.store.resign()
+            except Exception as exc:  # Redis away: the next scaler adopts what is left
+                logger.warning("scaler stop: workers not drained: %s", exc)
+        super().close()
 
     @property
     def info(self) -> str:

@@ -150,6 +150,30 @@ def test_a_killed_scaler_is_restarted_and_adopts_its_workers(
     assert len(predict.delay("linear", [1.0] * 8).get(timeout=30)) == 4
 
 
+def test_a_stopped_scaler_drains_the_workers_it_started(scaler: Any, client: redis.Redis) -> None:
+    import os
+
+    from tasks import predict
+
+    beat = scaler("stopped", {"zero_scaling": {"scale_to_zero_delay": 60.0}})
+    assert len(predict.delay("linear", [1.0] * 8).get(timeout=60)) == 4
+    pids = fleet_pids(client)
+    assert len(pids) == 1
+    beat.stop()  # SIGTERM, as Ctrl-C or a supervisor's stop
+    assert beat.proc.returncode == 0, beat.log()
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    wait_for(lambda: all(map(gone, pids.values())), timeout_s=30, what="its workers to exit")
+    assert fleet_pids(client) == {}
+    assert "draining the workers it started" in beat.log()
+
+
 def test_manual_control_survives_a_scaler_restart(scaler: Any, client: redis.Redis) -> None:
     import asyncio
 
@@ -250,6 +274,7 @@ def test_the_python_api_in_process(client: redis.Redis, example_repo: Path) -> N
         zero.autoscaler.config = AutoscalerConfig(**FAST)
         async with zero.scaler_context():
             assert (await zero.predict("tiny_mlp", [0.0] * 64))[0] != 0
-        await zero.autoscaler.stop(stop_workers=True)
+            assert client.hgetall(keys.FLEET)
+        assert not client.hgetall(keys.FLEET)  # leaving the context stopped its workers
 
     asyncio.run(scenario())
