@@ -121,6 +121,18 @@ def test_manual_pins_loads_and_unloads() -> None:
     assert fleet.tick(5002.0, {B: 1}, unloads={B: 5001.0}).desired[B] == 1
 
 
+def test_scale_model_to_zero_takes_effect_in_the_same_tick() -> None:
+    fleet = Fleet(config())  # scale_to_zero_delay 60 s, stabilization 10 s
+    fleet.tick(0.0, {A: 5})
+    fleet.tick(1.0)
+    assert fleet.instances(A) == 1
+    plan = fleet.tick(2.0, pins={A: 0})  # idle for 1 s only: the pin does not wait
+    assert plan.desired[A] == 0 and fleet.instances(A) == 0
+    assert [(d.from_instances, d.to_instances, d.reason) for d in plan.decisions] == [
+        (1, 0, "pinned by hand")
+    ]
+
+
 def test_a_failed_model_keeps_one_instance_during_its_cooldown() -> None:
     fleet = Fleet(config(loading={"failure_cooldown_seconds": 30}))
     plan = fleet.tick(0.0, {A: 100}, failures={A: 0.0})
