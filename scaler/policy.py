@@ -136,7 +136,11 @@ def decide(
         current = snapshot.current(key)
         # A version found serving by a fresh scaler (a restart) counts as just active, so
         # that a restart never scales the fleet down on the spot.
-        vstate = versions.get(key) or VersionState(last_active=now if current > 0 else -math.inf)
+        vstate = versions.get(key)
+        if vstate is None:
+            vstate = VersionState(last_active=now if current > 0 else -math.inf)
+            if current > 0:  # a restarted scaler: what serves now is wanted for the window
+                vstate.recommendations.append((now, current))
         target, reason, immediate, vstate = _recommend(
             key, snapshot, config, vstate, current, started_at
         )

@@ -133,6 +133,18 @@ def test_scale_model_to_zero_takes_effect_in_the_same_tick() -> None:
     ]
 
 
+def test_a_restarted_scaler_waits_the_stabilization_window_before_scaling_down() -> None:
+    fleet = Fleet(config())  # stabilization 10 s
+    fleet.tick(0.0, {A: 25})
+    assert fleet.instances(A) == 3
+    fleet.state = PolicyState()  # the scaler restarts: no memory of its recommendations
+    plan = fleet.tick(100.0)
+    assert plan.desired[A] == 3 and not plan.decisions  # not lowered on its first tick
+    assert fleet.tick(105.0).desired[A] == 3
+    plan = fleet.tick(111.0)
+    assert plan.desired[A] == 1  # the window has passed
+
+
 def test_a_failed_model_keeps_one_instance_during_its_cooldown() -> None:
     fleet = Fleet(config(loading={"failure_cooldown_seconds": 30}))
     plan = fleet.tick(0.0, {A: 100}, failures={A: 0.0})
