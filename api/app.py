@@ -58,6 +58,8 @@ logger = logging.getLogger(__name__)
 # Module level: FastAPI resolves the (string) annotations against this module's globals.
 _BEARER = HTTPBearer(auto_error=False)
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
+# A scaler status older than this is a scaler that is gone: its wishes no longer count.
+SCALER_STATUS_FRESH_S = 30.0
 
 
 class PredictRequest(BaseModel):
@@ -576,14 +578,18 @@ async def _await_result(
         replies.discard(task_id)
         return stored
     ready = await asyncio.to_thread(_instance_ready, app, model, version)
-    if not ready:
+    # A version being brought up (the scaler wants it, a worker is loading it) is waited
+    # for up to the request's timeout: a load may take far longer than the cold-start
+    # timeout, and predict.delay().get() would wait for it too.
+    if not ready and not await asyncio.to_thread(_instance_coming, app, model, version):
         replies.discard(task_id)
         # The caller is answered now; no worker should run it later.
         await asyncio.to_thread(app.state.celery.control.revoke, task_id)
         raise HTTPException(
             503,
             detail=f"no instance of {model}/{version} became ready within "
-            f"{cold_start_timeout:g} s (API_COLD_START_TIMEOUT_S); the request was withdrawn",
+            f"{cold_start_timeout:g} s (API_COLD_START_TIMEOUT_S) and none is being loaded; "
+            "the request was withdrawn",
         )
     try:
         return await replies.wait(task_id, max(deadline - time.monotonic(), 0.001))
@@ -592,6 +598,20 @@ async def _await_result(
         if isinstance(exc, InferenceError):  # Redis restarted and lost it
             detail = str(exc)
         raise HTTPException(504, detail=detail) from None
+
+
+def _instance_coming(app: FastAPI, model: str, version: str) -> bool:
+    """Whether the scaler wants an instance of this version or a worker is loading it."""
+    label = keys.model_key_text(model, version)
+    status = app.state.autoscaler.store.status() or {}
+    fresh = time.time() - status.get("time", 0) < SCALER_STATUS_FRESH_S
+    if fresh and status.get("desired", {}).get(label, 0) > 0:
+        return True
+    return any(
+        (m["name"], m["version"]) == (model, version)
+        for report in app.state.autoscaler.store.live_reports().values()
+        for m in report.get("loading", [])
+    )
 
 
 def _instance_ready(app: FastAPI, model: str, version: str) -> bool:

@@ -163,7 +163,8 @@ class ApiSettings(BaseSettings):
     default_model: str = "example"
     default_timeout_s: float = Field(30.0, gt=0)
     max_timeout_s: float = Field(600.0, gt=0)
-    # A request to a version with no loaded instance after this long answers 503.
+    # A request to a version with no loaded instance after this long answers 503, unless
+    # the scaler wants one or a worker is loading it (then it waits up to its timeout).
     cold_start_timeout_s: float = Field(30.0, gt=0)
 
 

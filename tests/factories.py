@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,3 +61,13 @@ class Slowed(Recorder):
         if extra:
             time.sleep(extra)
         return super().forward(x)
+
+
+@register_factory("slow_loading")
+class SlowLoading(Recorder):
+    """A recorder whose construction takes ``SLOW_LOAD_S`` seconds in the worker whose
+    environment says so: a load that outlasts a cold-start timeout."""
+
+    def __init__(self, features: int = 4, **kwargs: Any) -> None:
+        time.sleep(float(os.environ.get("SLOW_LOAD_S", "0") or 0))
+        super().__init__(features, **kwargs)

@@ -197,6 +197,33 @@ def test_timeout_is_504_and_no_instance_is_503(stack: Stack) -> None:
     assert time.monotonic() - started < 10
 
 
+def test_a_load_longer_than_the_cold_start_timeout_is_waited_for(
+    stack: Stack, tmp_path: Path
+) -> None:
+    from tests.helpers import write_state_dict_model
+
+    # The API gives up on a cold start after 2 s; this version's load takes 5 s. A worker
+    # loading it means it is coming: the request waits, as predict.delay().get() would.
+    write_state_dict_model(stack.repo, "slowload", "v1", factory="slow_loading")
+    worker = WorkerProcess(
+        "api-slowload",
+        queues=[keys.queue_name("slowload", "v1")],
+        env={"MODEL_REPOSITORY": str(stack.repo), "SLOW_LOAD_S": "5"},
+        log_dir=tmp_path,
+    )
+    try:
+        worker.wait_ready(stack.redis)
+        started = time.monotonic()
+        response = stack.http.post(
+            "/predict", json={"model": "slowload", "inputs": [1.0] * 4, "timeout": 60}
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["outputs"] == [2.0] * 4
+        assert time.monotonic() - started > 4  # it did wait past the cold-start timeout
+    finally:
+        worker.stop(timeout_s=15)
+
+
 def test_management_needs_the_token(stack: Stack) -> None:
     url = "/autoscaler/scale?model_name=linear&target_instances=2"
     assert stack.http.post(url).status_code == 401
