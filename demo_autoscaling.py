@@ -555,6 +555,7 @@ async def run(quick: bool, screenshot: Path | None) -> Demo:
         target_load_per_instance=64,
         max_workers=4,
         alert_window_seconds=10,
+        alert_for_seconds=1,  # short, so that the demo's short bursts raise some
         zero_scaling=ZeroScalingConfig(
             scale_to_zero_delay=delay,
             cold_start_strategy=ColdStartStrategy.HYBRID,

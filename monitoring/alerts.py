@@ -1,11 +1,13 @@
 """Alert rules over the metrics history, evaluated by the scaler leader every tick.
 
-An alert is one rule for one subject (the fleet, or a model version): it *fires* when the
-value over the window goes above its threshold, fires again (*repeat*) only after
-``alert_cooldown_seconds`` while it stays above, and *resolves* when it goes below 90% of
-the threshold (or has no value any more). Every
-event is kept in Redis (the active alerts and a capped history), published on a channel
-(the ``Autoscaler.add_alert_callback`` callbacks of every process listen to it) and, when
+An alert is one rule for one subject (the fleet, or a model version). It *fires* when the
+value over the window has stayed above its threshold for ``for_s`` (Prometheus's ``for:``:
+a worker's start-up CPU or one slow cold start is not an incident), the rules computed
+from requests judging a version only over ``min_samples`` requests or more; it fires again
+(*repeat*) only after ``alert_cooldown_seconds`` while it stays above, and *resolves* when
+it goes below 90% of the threshold (or has no value any more). Every event is kept in
+Redis (the active alerts and a capped history), published on a channel (the
+``Autoscaler.add_alert_callback`` callbacks of every process listen to it) and, when
 configured, POSTed as JSON to a webhook with a timeout, from a background thread.
 """
 
@@ -58,14 +60,17 @@ def check_thresholds(thresholds: dict[str, float]) -> None:
         raise ValueError(f"unknown alert thresholds {unknown}; known: {sorted(RULES)}")
 
 
-def readings(metrics: dict[str, Any], queued: dict[str, int]) -> list[tuple[str, str, float]]:
-    """``(rule, subject, value)`` for every value a rule can judge now."""
+def readings(
+    metrics: dict[str, Any], queued: dict[str, int], min_samples: int = 1
+) -> list[tuple[str, str, float]]:
+    """``(rule, subject, value)`` for every value a rule can judge now; the rules computed
+    from requests judge a version only over ``min_samples`` requests or more."""
     found: list[tuple[str, str, float]] = []
     for name in ("memory_usage_percent", "cpu_usage_percent"):
         if metrics.get(name) is not None:
             found.append((name, "fleet", float(metrics[name])))
     for model, m in metrics.get("models", {}).items():
-        if m.get("requests"):
+        if m.get("requests") and m["requests"] >= min_samples:
             found.append(("error_rate_percent", model, float(m["error_rate_percent"])))
             if m.get("average_response_time_ms") is not None:
                 found.append(("average_response_time_ms", model, m["average_response_time_ms"]))
@@ -87,12 +92,19 @@ class AlertManager:
         webhook_url: str | None = None,
         webhook_timeout_s: float = 5.0,
         post: Callable[[str, bytes, float], None] | None = None,
+        for_s: float = 0.0,
+        min_samples: int = 1,
     ) -> None:
         check_thresholds(thresholds)
         self.client = client
         self.thresholds = dict(thresholds)
         self.window_s = window_s
         self.cooldown_s = cooldown_s
+        self.for_s = for_s
+        self.min_samples = min_samples
+        # Breaches not firing yet: since when each has held (the leader's memory; a new
+        # leader starts counting again).
+        self._pending: dict[str, float] = {}
         self.webhook_url = webhook_url
         self.webhook_timeout_s = webhook_timeout_s
         self._post = post or _post_json
@@ -111,7 +123,8 @@ class AlertManager:
         active = self.active()
         events: list[dict[str, Any]] = []
         breaching: set[str] = set()
-        for rule_name, subject, value in readings(metrics, queued):
+        pending: dict[str, float] = {}
+        for rule_name, subject, value in readings(metrics, queued, self.min_samples):
             threshold = self.thresholds.get(rule_name)
             if threshold is None:
                 continue
@@ -120,8 +133,12 @@ class AlertManager:
                 if key in active and value > threshold * RESOLVE_BELOW:
                     breaching.add(key)  # in the hysteresis band: still firing, not repeated
                 continue
-            breaching.add(key)
             state = active.get(key)
+            if state is None:
+                since = pending[key] = self._pending.get(key, now)
+                if now - since < self.for_s:
+                    continue  # not held long enough yet
+            breaching.add(key)
             if state is not None and now - state["last_sent"] < self.cooldown_s:
                 state["value"] = value
                 continue
@@ -165,6 +182,7 @@ class AlertManager:
                     "time": now,
                 }
             )
+        self._pending = {k: t for k, t in pending.items() if k not in breaching}
         if events:
             self._record(events, active)
         return events

@@ -136,6 +136,10 @@ class AutoscalerConfig(_Config):
     # Alerts: the window their values are taken over, how long a firing alert stays quiet
     # before it is sent again, and an optional webhook that receives every event as JSON.
     alert_window_seconds: int = Field(60, ge=1)
+    # An alert fires once its condition has held this long (Prometheus's ``for:``), and the
+    # rules computed from requests judge a version over this many requests at least.
+    alert_for_seconds: float = Field(30.0, ge=0)
+    alert_min_samples: int = Field(10, ge=1)
     alert_cooldown_seconds: float = Field(300.0, ge=0)
     alert_webhook_url: str | None = Field(None, pattern="^https?://")
     alert_webhook_timeout_s: float = Field(5.0, gt=0)

@@ -89,6 +89,8 @@ class ScalerLoop:
             cooldown_s=config.alert_cooldown_seconds,
             webhook_url=config.alert_webhook_url,
             webhook_timeout_s=config.alert_webhook_timeout_s,
+            for_s=config.alert_for_seconds,
+            min_samples=config.alert_min_samples,
         )
 
     # -- the tick ---------------------------------------------------------------------------

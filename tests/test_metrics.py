@@ -343,7 +343,10 @@ def test_the_scaler_records_fleet_metrics_and_alerts_reach_callbacks(
 
     publish_registry(client, ModelRepository(test_repo).registry())
     config = AutoscalerConfig(
-        backend="static", alert_thresholds={"queue_depth": 5}, alert_cooldown_seconds=60
+        backend="static",
+        alert_thresholds={"queue_depth": 5},
+        alert_cooldown_seconds=60,
+        alert_for_seconds=0,
     )
     loop = ScalerLoop(config, client=client, app=app, backend=StaticBackend())
     autoscaler = Autoscaler(config, run_scaler=False)
@@ -382,6 +385,44 @@ def test_the_scaler_records_fleet_metrics_and_alerts_reach_callbacks(
         import asyncio
 
         asyncio.run(autoscaler.stop())
+
+
+def test_an_alert_fires_only_once_its_condition_held_for_long_enough(
+    client: redis.Redis,
+) -> None:
+    manager = AlertManager(
+        client, {"cpu_usage_percent": 80.0}, window_s=60, cooldown_s=300, for_s=5
+    )
+    hot = {"cpu_usage_percent": 95.0, "models": {}}
+    cool = {"cpu_usage_percent": 20.0, "models": {}}
+    # A worker starting up: 3 s of high CPU, then normal; never fires.
+    assert manager.evaluate(hot, {}, NOW) == []
+    assert manager.evaluate(hot, {}, NOW + 3) == []
+    assert manager.evaluate(cool, {}, NOW + 4) == []
+    # Held: fires once 5 s have passed since it began.
+    assert manager.evaluate(hot, {}, NOW + 10) == []
+    assert manager.evaluate(hot, {}, NOW + 14) == []
+    events = manager.evaluate(hot, {}, NOW + 15)
+    assert [e["state"] for e in events] == ["firing"]
+    assert [e["state"] for e in manager.evaluate(cool, {}, NOW + 16)] == ["resolved"]
+
+
+def test_request_rules_need_enough_requests(client: redis.Redis) -> None:
+    manager = AlertManager(
+        client, {"average_response_time_ms": 1000.0}, window_s=60, cooldown_s=300,
+        min_samples=10,
+    )  # fmt: skip
+
+    def slow(requests: int) -> dict[str, Any]:
+        model = {"requests": requests, "error_rate_percent": 0.0, "average_response_time_ms": 4e3}
+        return {"models": {"tiny_mlp/v1": model}}
+
+    assert manager.evaluate(slow(1), {}, NOW) == []  # one slow cold-start request
+    assert manager.evaluate(slow(9), {}, NOW + 1) == []
+    events = manager.evaluate(slow(10), {}, NOW + 2)
+    assert [(e["state"], e["alert"]) for e in events] == [
+        ("firing", "average_response_time_ms:tiny_mlp/v1")
+    ]
 
 
 def test_a_value_hovering_at_the_threshold_does_not_flap(client: redis.Redis) -> None:
