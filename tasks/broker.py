@@ -509,10 +509,17 @@ def _too_large(size: int, limit: int) -> PayloadTooLargeError:
 
 # -- Celery's result layout ------------------------------------------------------------------
 def result_meta(
-    app: Any, task_id: str, state: str, value: Any, *, date_done: str | None = None
+    app: Any,
+    task_id: str,
+    state: str,
+    value: Any,
+    *,
+    date_done: str | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> bytes:
     """A result as Celery's Redis backend stores it (``value`` an exception for failures;
-    ``date_done`` defaults to now)."""
+    ``date_done`` defaults to now); ``extra`` adds fields (Celery's extended ``worker`` and
+    ``queue``, this project's ``inference``)."""
     backend = app.backend
     if state in states.EXCEPTION_STATES:
         value = backend.prepare_exception(value)
@@ -524,6 +531,8 @@ def result_meta(
         "date_done": date_done or datetime.now(timezone.utc).isoformat(),
         "task_id": task_id,
     }
+    if extra:
+        meta.update(extra)
     if backend.serializer == codec.SERIALIZER:  # the hot path, without the registry
         return codec.dumps(meta)
     return bytes(backend.encode(meta))
@@ -647,6 +656,14 @@ class InferenceResult(AsyncResult):
         return meta["result"]
 
     wait = get
+
+    @property
+    def inference(self) -> dict[str, Any] | None:
+        """How the request was served: ``version``, ``batch_size``, ``queue_wait_ms`` (from
+        publish to its batch's start) and ``inference_ms`` (the batch's forward pass); the
+        worker is Celery's ``worker``, the queue ``queue``."""
+        info = self._get_task_meta().get("inference")
+        return dict(info) if info else None
 
     def __del__(self) -> None:
         """Nothing to cancel: no per-request subscription exists (Celery's would)."""

@@ -113,12 +113,36 @@ class Completer:
             else:
                 revoked = isinstance(outcome.error, TaskRevokedError)
                 state, value = (states.REVOKED if revoked else states.FAILURE), outcome.error
-            meta = broker.result_meta(self.app, delivery.task_id, state, value, date_done=date_done)
+            meta = broker.result_meta(
+                self.app, delivery.task_id, state, value, date_done=date_done,
+                extra=self._served(outcome, delivery),
+            )  # fmt: skip
             results.append((delivery.task_id, meta, delivery.reply_channel))
         commands = broker.results_commands(results, expires_s=self.expires_s)
         done = [(d.tag, d.source.label) for d in deliveries]
         commands.append(broker.ack_command(self.loop.consumer, done))
         return commands + self._in_flight_commands(deliveries)
+
+    def _served(self, outcome: Outcome, delivery: Delivery) -> dict[str, Any]:
+        """Celery's extended result fields, and how the batch served the request."""
+        item = outcome.item
+        ran = outcome.started > 0
+        return {
+            "worker": self.hostname,
+            "queue": delivery.source.queue,
+            "inference": {
+                "version": delivery.source.label.rpartition("/")[2],
+                "batch_size": outcome.batch_size,
+                "queue_wait_ms": round(
+                    (item.queued_s + max(outcome.started - item.received, 0.0)) * 1000, 3
+                )
+                if ran
+                else None,
+                "inference_ms": round((outcome.finished - outcome.started) * 1000, 3)
+                if ran and outcome.finished
+                else None,
+            },
+        }
 
     def answered(self, outcomes: list[Outcome]) -> None:
         """After the round trip of ``commands``: room for more, and the task events."""

@@ -178,6 +178,32 @@ def test_batched_rows_equal_single_runs(
     np.testing.assert_allclose(served, singles, rtol=1e-4, atol=1e-5)
 
 
+def test_a_result_tells_how_it_was_served(worker: WorkerProcess) -> None:
+    from celery.result import AsyncResult
+
+    from tasks import predict
+    from workers import app
+
+    results = [predict.delay("linear", [float(i)] * 8, version="v2") for i in range(20)]
+    for r in results:
+        r.get(timeout=60)
+    first = results[0]
+    assert first.worker == worker.hostname and first.queue == keys.queue_name("linear", "v2")
+    info = first.inference
+    assert info is not None and info["version"] == "v2"
+    assert 1 <= info["batch_size"] <= 20
+    assert info["queue_wait_ms"] >= 0 and info["inference_ms"] > 0
+    # Another process's handle reads the same from the stored result (Celery's meta).
+    other = AsyncResult(first.id, app=app)
+    assert other.worker == worker.hostname
+    assert other._get_task_meta()["inference"] == info
+    # A request refused by the worker says who refused it.
+    bad = predict.delay("linear", [1.0, 2.0])
+    with pytest.raises(SchemaError):
+        bad.get(timeout=30)
+    assert bad.worker == worker.hostname and bad.inference["version"] == "v1"
+
+
 def test_a_bad_request_fails_alone_in_its_batch(worker: WorkerProcess) -> None:
     from tasks import predict
 
