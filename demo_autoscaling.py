@@ -395,7 +395,8 @@ class Demo:
             # The scaler may have placed a replacement on another worker meanwhile.
             line += f"healthy and routable again on {', '.join(back)} after {back_s:.1f} s"
         else:
-            line += "not back within 60 s"
+            states = {n: (h["state"], h["routable"]) for n, h in flaky_health(autoscaler).items()}
+            line += f"not back within 60 s (instances: {states})"
         self.say(
             line + f", then answered {list(answer)}",
             health_out=bool(sick),
@@ -555,7 +556,9 @@ async def run(quick: bool, screenshot: Path | None) -> Demo:
         target_load_per_instance=64,
         max_workers=4,
         alert_window_seconds=10,
-        alert_for_seconds=1,  # short, so that the demo's short bursts raise some
+        # Short, and a low latency bar: the demo's short bursts raise alerts that resolve.
+        alert_for_seconds=1,
+        alert_thresholds={**AutoscalerConfig().alert_thresholds, "average_response_time_ms": 100},
         zero_scaling=ZeroScalingConfig(
             scale_to_zero_delay=delay,
             cold_start_strategy=ColdStartStrategy.HYBRID,

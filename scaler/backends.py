@@ -146,6 +146,7 @@ class LocalBackend:
         )
         if log is not None:
             log.close()
+        self._reap()
         self._children[proc.pid] = proc
         record = FleetRecord(
             hostname=hostname,
@@ -177,11 +178,18 @@ class LocalBackend:
     def alive(self, record: FleetRecord) -> bool:
         if record.host != self.host:
             return True
-        child = self._children.get(record.pid)
-        if child is not None and child.poll() is not None:
-            self._children.pop(record.pid, None)
+        exited = self._reap()
+        if record.pid in exited:
             return False
         return _pid_alive(record.pid, record.hostname)
+
+    def _reap(self) -> set[int]:
+        """Collect every child that exited (a worker killed from outside too, whose record
+        left without a look at its process): none stays a zombie."""
+        exited = {pid for pid, child in self._children.items() if child.poll() is not None}
+        for pid in exited:
+            self._children.pop(pid, None)
+        return exited
 
     def stop_all(self, *, timeout_s: float = 60.0) -> None:
         """Warm-stop every worker this backend's fleet record names, and wait for them."""
@@ -197,3 +205,4 @@ class LocalBackend:
             if self.alive(record):
                 os.kill(record.pid, signal.SIGKILL)
             self.store.fleet_remove(record.hostname)
+        self._reap()

@@ -196,9 +196,12 @@ class ScalerLoop:
                     )
             # Load what the worker serves but does not hold yet: a first request then finds
             # the model warm, and a version loaded by hand is loaded now, not on first use.
+            # A failed load is asked again too: the worker retries it once its failure
+            # cooldown is over (a model whose warm-up failed while it was sick came back
+            # only with the next request).
             held = {
                 (m["name"], m["version"])
-                for field in ("models", "loading", "failed_models")
+                for field in ("models", "loading")
                 for m in report.get(field, [])
             }
             for key in sorted(wanted_keys):
