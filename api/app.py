@@ -77,7 +77,9 @@ class PredictRequest(BaseModel):
     version: str | None = Field(
         None, pattern=NAME_PATTERN, description="Version; default: the traffic split or default."
     )
-    priority: int = Field(0, ge=0, le=9, description="0 (default) to 9 (most urgent).")
+    priority: int = Field(
+        0, ge=0, le=9, description="Celery's order on Redis: 0 (default) is served first, 9 last."
+    )
     timeout: float | None = Field(
         None, gt=0, le=3600, description="Seconds to wait for the answer (API_DEFAULT_TIMEOUT_S)."
     )
