@@ -357,19 +357,11 @@ def _place(
     if config.zero_scaling.cold_start_strategy is ColdStartStrategy.HYBRID and any(
         desired.values()
     ):
-        # Keep one empty managed worker as the warm standby while anything is served. A
-        # new one starts once the fleet has absorbed the load (nothing starting, little
-        # waiting): its start would compete with the serving instances for CPU.
-        absorbed = (
-            new_workers == 0
-            and not any(w.starting for w in workers.values())
-            and sum(snapshot.queued.values()) <= config.target_load_per_instance
-        )
+        # Keep one empty managed worker as the warm standby while anything is served.
         if stop:
             stop = stop[1:]
         elif (
-            absorbed
-            and not any(not keys for n, keys in assign.items())
+            not any(not keys for n, keys in assign.items())
             and len(workers) + new_workers < config.max_workers
         ):
             assign[f"{NEW_WORKER_PREFIX}{new_workers}"] = set()
