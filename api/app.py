@@ -30,9 +30,10 @@ import redis
 from celery.exceptions import TaskRevokedError
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.dashboard import BEARER as _BEARER
 from api.dashboard import add_dashboard, authorize
 from api.prometheus import render_metrics
 from common import keys
@@ -55,8 +56,6 @@ from tasks.producer import Call, Pending, decode_result
 
 logger = logging.getLogger(__name__)
 
-# Module level: FastAPI resolves the (string) annotations against this module's globals.
-_BEARER = HTTPBearer(auto_error=False)
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 # A scaler status older than this is a scaler that is gone: its wishes no longer count.
 SCALER_STATUS_FRESH_S = 30.0
@@ -153,9 +152,9 @@ def status_of(error: BaseException) -> int:
     return 500
 
 
-def _invalid(field: str, message: str) -> HTTPException:
+def _invalid(field: str, message: str, where: str = "body") -> HTTPException:
     return HTTPException(
-        422, detail=[{"loc": ["body", field], "msg": message, "type": "value_error"}]
+        422, detail=[{"loc": [where, field], "msg": message, "type": "value_error"}]
     )
 
 
@@ -429,9 +428,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             )
         except ValueError as exc:
             name = str(exc).split("=")[0].split()[0]  # the parameter the message starts with
-            raise HTTPException(
-                422, detail=[{"loc": ["query", name], "msg": str(exc), "type": "value_error"}]
-            ) from None
+            raise _invalid(name, str(exc), "query") from None
 
     @app.get("/autoscaler/alerts", tags=["autoscaler"])
     def alerts() -> dict[str, Any]:

@@ -19,13 +19,16 @@ import hashlib
 import hmac
 import ipaddress
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, RedirectResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from common.settings import ApiSettings
 
+# Module level: FastAPI resolves the (string) annotations against the module's globals.
+BEARER = HTTPBearer(auto_error=False)
 HERE = Path(__file__).with_name("dashboard")
 SESSION_COOKIE = "dashboard_session"
 CSRF_HEADER = "x-dashboard"
@@ -71,7 +74,11 @@ def authorize(request: Request, bearer: str | None, token: str | None) -> None:
 
 def add_dashboard(app: FastAPI, settings: ApiSettings, manage: Any) -> None:
     @app.get("/dashboard", include_in_schema=False, response_model=None)
-    def dashboard(request: Request, token: str | None = Query(None, max_length=1024)) -> Response:
+    def dashboard(
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
+        token: str | None = Query(None, max_length=1024),
+    ) -> Response:
         if token is not None and settings.token:
             if not hmac.compare_digest(token.encode(), settings.token.encode()):
                 raise HTTPException(401, detail="wrong token")
@@ -86,8 +93,7 @@ def add_dashboard(app: FastAPI, settings: ApiSettings, manage: Any) -> None:
                 path="/",
             )
             return response
-        bearer = request.headers.get("authorization", "")
-        authorize(request, bearer.removeprefix("Bearer ") or None, settings.token)
+        authorize(request, credentials.credentials if credentials else None, settings.token)
         return FileResponse(HERE / "index.html", media_type="text/html", headers=_NO_STORE)
 
     @app.get("/dashboard/assets/{name}", include_in_schema=False, dependencies=[manage])

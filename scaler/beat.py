@@ -139,16 +139,17 @@ class ScalerScheduler(beat.Scheduler):
         # Celery's SIGTERM/SIGINT handler calls this, then beat's exit does again.
         crashed = isinstance(sys.exc_info()[1], Exception)
         loop, self._loop = self._loop, None
+        super().close()
         # A scaler that did not lead leaves the fleet to the one that does.
-        led = loop is not None and loop.last is not None and loop.last.leader
-        if led and not crashed and loop is not None and hasattr(loop.backend, "stop_all"):
+        if crashed or loop is None or loop.last is None or not loop.last.leader:
+            return
+        if hasattr(loop.backend, "stop_all"):
             logger.info("scaler stopping: draining the workers it started")
             try:
                 loop.backend.stop_all()
                 loop.store.resign()
             except Exception as exc:  # Redis away: the next scaler adopts what is left
                 logger.warning("scaler stop: workers not drained: %s", exc)
-        super().close()
 
     @property
     def info(self) -> str:

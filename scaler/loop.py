@@ -66,9 +66,10 @@ class ScalerLoop:
         self._rows: dict[tuple[str, str], int] = {}
         self._popularity_at: float | None = None
         self._unloads: dict[str, tuple[float, int, int]] = {}  # worker -> (time, rss, bytes)
+        # When the scaler first saw a version's requests wait with no loaded instance, and
+        # those whose wait past cold_start_timeout was reported.
         self._cold_since: dict[ModelKey, float] = {}
-        # When the scaler first saw a version's requests wait with no loaded instance.
-        self._cold_started: dict[ModelKey, float] = {}
+        self._cold_reported: set[ModelKey] = set()
         self.last: TickResult | None = None
         settings = metrics_settings()
         learning_s = config.zero_scaling.learning_window_hours * 3600
@@ -286,9 +287,9 @@ class ScalerLoop:
         for key in set(snapshot.queued) | set(self._cold_since):
             warm = any(key in w.loaded and key in w.serving for w in snapshot.workers.values())
             if warm or snapshot.load(key) == 0:
-                self._cold_since.pop(key, None)
                 # Answered requests end it too: a fast load may finish between reports.
-                started = self._cold_started.pop(key, None)
+                started = self._cold_since.pop(key, None)
+                self._cold_reported.discard(key)
                 if started is not None:
                     self.metrics.count(
                         {
@@ -298,14 +299,13 @@ class ScalerLoop:
                         now,
                     )
                 continue
-            self._cold_started.setdefault(key, now)
             since = self._cold_since.setdefault(key, now)
-            if since >= 0 and now - since > limit:
+            if key not in self._cold_reported and now - since > limit:
                 n = plan.desired.get(key, 0)
                 plan.decisions.append(
                     Decision(key, n, n, f"cold start exceeded cold_start_timeout ({limit:g} s)")
                 )
-                self._cold_since[key] = -1.0  # reported; reset when it turns warm
+                self._cold_reported.add(key)  # once; again only after it turns warm
 
     def _recycle(self, view: FleetView, plan: Plan, now: float) -> None:
         """A worker whose RSS did not fall after a large unload is replaced."""
