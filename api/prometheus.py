@@ -19,6 +19,7 @@ from prometheus_client.core import (
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
+    SummaryMetricFamily,
 )
 
 from common import keys
@@ -79,6 +80,20 @@ class FleetCollector:
             if "load_ms" in values:
                 load_seconds.add_metric(subject.split("/", 1), values["load_ms"] / 1000)
         yield load_seconds
+        cold = SummaryMetricFamily(
+            "inference_cold_start_seconds",
+            "Requests that arrived at zero instances: publish to answer, process start and "
+            "model load included",
+            labels=labels,
+        )
+        for subject, values in sorted(models.items()):
+            if values.get("cold_req"):
+                cold.add_metric(
+                    subject.split("/", 1),
+                    count_value=int(values["cold_req"]),
+                    sum_value=values.get("cold_req_ms", 0.0) / 1000,
+                )
+        yield cold
         for prefix, sum_field, metric_name, doc in (
             ("lat", "lat_sum", "inference_request_duration_seconds", "Publish to answer"),
             ("wait", "wait_sum", "inference_queue_wait_seconds", "Publish to batch start"),

@@ -146,7 +146,7 @@ class MetricsSettings(BaseSettings):
     # How long each resolution is kept; the predictive policy's learning_window_hours needs
     # minute buckets at least that long.
     second_retention_s: int = Field(3600, ge=60)
-    minute_retention_s: int = Field(86400, ge=3600)
+    minute_retention_s: int = Field(90000, ge=3600)
 
 
 class ApiSettings(BaseSettings):

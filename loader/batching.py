@@ -116,6 +116,8 @@ class Item:
     queued_s: float = 0.0
     # When the caller stops waiting (epoch seconds): not run after it.
     expires_at: float | None = None
+    # Published while no instance served its version (the producer's mark).
+    cold_start: bool = False
 
     @property
     def n_rows(self) -> int:

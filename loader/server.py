@@ -123,6 +123,10 @@ class ModelServer:
         ticket: Any,
         queued_s: float = 0.0,
         expires_at: float | None = None,
+        cold_start: bool = False,
     ) -> None:
-        item = Item(key, inputs, single, ticket, queued_s=queued_s, expires_at=expires_at)
+        item = Item(
+            key, inputs, single, ticket, queued_s=queued_s, expires_at=expires_at,
+            cold_start=cold_start,
+        )  # fmt: skip
         self.batcher.submit(item)

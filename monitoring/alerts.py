@@ -49,7 +49,7 @@ RULES: dict[str, Rule] = {
         Rule("error_rate_percent", "%", "error rate", True),
         Rule("average_response_time_ms", " ms", "average response time", True),
         Rule("queue_depth", " requests", "queue depth", True),
-        Rule("cold_start_time_ms", " ms", "average model load time", True),
+        Rule("cold_start_time_ms", " ms", "average cold start (publish to answer)", True),
     )
 }
 
@@ -74,8 +74,9 @@ def readings(
             found.append(("error_rate_percent", model, float(m["error_rate_percent"])))
             if m.get("average_response_time_ms") is not None:
                 found.append(("average_response_time_ms", model, m["average_response_time_ms"]))
-        if m.get("average_load_time_ms") is not None:
-            found.append(("cold_start_time_ms", model, float(m["average_load_time_ms"])))
+        if m.get("average_cold_start_ms") is not None:
+            # Each is one caller's whole wait; a single slow one is the news.
+            found.append(("cold_start_time_ms", model, float(m["average_cold_start_ms"])))
     for model, depth in queued.items():
         found.append(("queue_depth", model, float(depth)))
     return found

@@ -101,6 +101,26 @@ return groups
 """
 
 
+# Per bucket, the model fields named ARGV[1] (``m|<version>|<name>``): flat pairs per key.
+_PICK = """
+local suffix = '|' .. ARGV[1]
+local out = {}
+for i = 1, #KEYS do
+  local flat = redis.call('HGETALL', KEYS[i])
+  local picked = {}
+  for j = 1, #flat, 2 do
+    local f = flat[j]
+    if string.sub(f, 1, 2) == 'm|' and string.sub(f, -#suffix) == suffix then
+      picked[#picked + 1] = string.sub(f, 3, -#suffix - 1)
+      picked[#picked + 1] = flat[j + 1]
+    end
+  end
+  out[i] = picked
+end
+return out
+"""
+
+
 def latency_bucket(ms: float) -> int:
     return bisect_left(LATENCY_BOUNDS_MS, ms)
 
@@ -180,6 +200,9 @@ class MetricsRecorder:
             fields[field(MODEL, model, "lat_sum")] += latency_ms
             fields[field(MODEL, model, f"lat:{latency_bucket(latency_ms)}")] += 1
             fields[field(MODEL, model, "wait_sum")] += wait_ms
+            if getattr(item, "cold_start", False):
+                fields[field(MODEL, model, "cold_req")] += 1
+                fields[field(MODEL, model, "cold_req_ms")] += latency_ms
             fields[field(MODEL, model, f"wait:{latency_bucket(wait_ms)}")] += 1
             if outcome.batch_size and (model, outcome.started) not in batches:
                 batches.add((model, outcome.started))
@@ -344,9 +367,12 @@ class ModelStats:
             "average_instances": _round(v["instances"] / ticks) if ticks else None,
             "average_queue_depth": _round(v["queued"] / ticks) if ticks else None,
             "average_running": _round(v["held"] / ticks) if ticks else None,
+            # Versions brought up from zero (the scaler's count), and the requests that
+            # arrived at zero instances with their wait, publish to answer, on average.
             "cold_starts": int(v["cold_starts"]),
-            "average_cold_start_ms": _round(v["cold_ms"] / v["cold_starts"])
-            if v["cold_starts"]
+            "cold_start_requests": int(v["cold_req"]),
+            "average_cold_start_ms": _round(v["cold_req_ms"] / v["cold_req"])
+            if v["cold_req"]
             else None,
         }
 
@@ -366,6 +392,7 @@ SERIES_METRICS: tuple[str, ...] = (
     "average_queue_depth",
     "average_running",
     "cold_starts",
+    "cold_start_requests",
     "average_cold_start_ms",
     "model_loads",
     "average_load_time_ms",
@@ -393,6 +420,7 @@ class MetricsHistory:
         self.client = client
         self.settings = settings
         self._sum = client.register_script(_SUM)
+        self._pick = client.register_script(_PICK)
 
     def resolution(self, window_s: int) -> int:
         return 1 if window_s <= self.settings.second_retention_s else 60
@@ -438,6 +466,23 @@ class MetricsHistory:
         now = time.time() if now is None else now
         fields, resolution = self.raw(window_s, now)
         return summarise(fields, window_s, resolution, model=model)
+
+    def minute_counts(
+        self, name: str, window_s: int, *, now: float | None = None
+    ) -> tuple[int, dict[str, list[float]]]:
+        """Per model version, the counter ``name`` per whole minute of the last ``window_s``
+        seconds (the minute in progress left out), oldest first, and the first minute's
+        start: what the forecasts read, without summarising every point."""
+        self._check_window(window_s)
+        end = int(time.time() if now is None else now) // 60 - 1
+        n = max(1, window_s // 60)
+        flats = self._pick(keys=self._bucket_keys(end * 60, 60, n), args=[name])
+        counts: dict[str, list[float]] = {}
+        for i, flat in enumerate(flats):
+            for j in range(0, len(flat), 2):
+                label = keys.text(flat[j])
+                counts.setdefault(label, [0.0] * n)[i] = float(flat[j + 1])
+        return (end - n + 1) * 60, counts
 
     def series(
         self,

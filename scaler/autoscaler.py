@@ -73,25 +73,7 @@ class Autoscaler:
 
     def _run(self) -> None:
         assert self._loop is not None
-        period = self.config.tick_interval_s
-        pubsub = self._client.pubsub(ignore_subscribe_messages=True)
-        with contextlib.suppress(Exception):
-            pubsub.subscribe(keys.SCALER_POKE)
-        while not self._stopping.is_set():
-            started = time.monotonic()
-            try:
-                self._loop.tick()
-            except Exception:
-                logger.exception("scaler tick failed")
-            deadline = started + period
-            while not self._stopping.is_set() and (left := deadline - time.monotonic()) > 0:
-                try:
-                    if pubsub.get_message(timeout=min(left, 0.25)) is not None:
-                        break
-                except Exception:
-                    self._stopping.wait(left)
-        with contextlib.suppress(Exception):
-            pubsub.close()
+        self._loop.run(self._stopping)
 
     async def stop(self, *, stop_workers: bool = False) -> None:
         """Stop this process's scaler loop; with ``stop_workers``, also the workers it started
@@ -237,6 +219,21 @@ class Autoscaler:
             # Every registered version's queue, those at zero included.
             "queues": self.store.queue_depths(),
             "decisions": self.store.decisions(50),
+            "cold_starts": self._cold_starts(),
+        }
+
+    def _cold_starts(self, window_s: int = 3600) -> dict[str, dict[str, Any]]:
+        """Per version over the last hour: times brought up from zero, and the requests
+        that arrived at zero instances with their average wait (publish to answer)."""
+        models = MetricsHistory(self._client, metrics_settings()).window(window_s)["models"]
+        return {
+            label: {
+                "cold_starts": m["cold_starts"],
+                "requests": m["cold_start_requests"],
+                "average_ms": m["average_cold_start_ms"],
+            }
+            for label, m in models.items()
+            if m["cold_starts"] or m["cold_start_requests"]
         }
 
     def get_metrics(self, window_seconds: int = 3600, model: str | None = None) -> dict[str, Any]:

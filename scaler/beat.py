@@ -10,18 +10,16 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from typing import Any
 
 from celery import beat
 
-from common import keys
 from common.redis import redis_client
 from common.settings import scaler_settings, serving_settings
 from loader.repository import ModelRepository
 from scaler.backends import LocalBackend
 from scaler.config import AutoscalerConfig
-from scaler.loop import ScalerLoop
+from scaler.loop import ScalerLoop, Waiter
 
 logger = logging.getLogger(__name__)
 
@@ -81,28 +79,6 @@ def build_loop(app: Any, config: AutoscalerConfig | None = None) -> ScalerLoop:
     return loop
 
 
-class Waiter:
-    """Sleeps until the next tick or a poke, whichever comes first."""
-
-    def __init__(self, client: Any) -> None:
-        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
-        self._subscribed = False
-
-    def wait(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        try:
-            if not self._subscribed:
-                self._pubsub.subscribe(keys.SCALER_POKE)
-                self._subscribed = True
-            while (left := deadline - time.monotonic()) > 0:
-                if self._pubsub.get_message(timeout=left) is not None:
-                    return
-        except Exception as exc:  # Redis away: sleep the tick out, try again next time
-            logger.warning("scaler: waiting for pokes failed: %s", exc)
-            self._subscribed = False
-            time.sleep(max(0.0, deadline - time.monotonic()))
-
-
 class ScalerScheduler(beat.Scheduler):
     """``beat_scheduler``: every beat tick is a scaler tick."""
 
@@ -120,16 +96,11 @@ class ScalerScheduler(beat.Scheduler):
                 self._loop.config.tick_interval_s,
                 self._loop.config.backend,
             )
-        started = time.monotonic()
-        try:
-            self._loop.tick()
-        except Exception:
-            # Redis down or a bad answer: log it, keep beat alive, try on the next tick.
-            logger.exception("scaler tick failed")
-        next_task = super().tick(*args, **kwargs)
-        period = self._loop.config.tick_interval_s
         assert self._waiter is not None
-        self._waiter.wait(max(0.0, min(period - (time.monotonic() - started), next_task or period)))
+        # Periodic tasks of beat_schedule run between the tick and the wait.
+        self._loop.run_once(
+            self._waiter, between=lambda: super(ScalerScheduler, self).tick(*args, **kwargs)
+        )
         return 0.0
 
     def close(self) -> None:

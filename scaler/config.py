@@ -69,6 +69,15 @@ class ZeroScalingConfig(_Config):
     learning_window_hours: float = Field(24, gt=0)
     prediction_horizon_minutes: float = Field(30, gt=0)
 
+    @model_validator(mode="after")
+    def _season(self) -> ZeroScalingConfig:
+        if self.enable_predictive_scaling and self.learning_window_hours < 24:
+            raise ValueError(
+                f"learning_window_hours={self.learning_window_hours:g} is below the 24 hours "
+                "a daily forecast learns from (or set enable_predictive_scaling=false)"
+            )
+        return self
+
 
 class ModelLoaderConfig(_Config):
     loading_strategy: ModelLoadingStrategy = ModelLoadingStrategy.LAZY

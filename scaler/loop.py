@@ -1,13 +1,18 @@
-"""One scaler tick: lead, read, decide, act, record. ``tick(now)`` is what beat drives and
-what tests call directly."""
+"""The scaler's run loop: a tick (lead, read, decide, apply, record), then a wait for the next
+tick or a producer's poke. Beat's scheduler and ``Autoscaler`` both turn ``run_once``;
+``tick(now)`` is what tests call directly."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
+import math
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,16 +28,58 @@ from monitoring.metrics import FLEET, MODEL, MetricsHistory, MetricsRecorder
 from monitoring.metrics import field as metric_field
 from scaler.backends import Backend, LocalBackend, StaticBackend
 from scaler.config import AutoscalerConfig
-from scaler.policy import NEW_WORKER_PREFIX, Decision, Plan, PolicyState, Snapshot, decide
-from scaler.store import FleetView, ScalerStore, parse_key, queue_to_key
+from scaler.forecast import LEVEL_S, forecast_rates
+from scaler.policy import (
+    NEW_WORKER_PREFIX,
+    Decision,
+    Forecast,
+    Plan,
+    PolicyState,
+    Snapshot,
+    decide,
+)
+from scaler.store import FleetView, ScalerStore, queue_to_key
 from tasks import broker
 
 logger = logging.getLogger(__name__)
 
 # A remote-control command a worker has not acted on is sent again after this long.
 RESEND_S = 3.0
-# An unload of at least this many bytes must show in the worker's RSS, or it is recycled.
-RECYCLE_MIN_BYTES = 64 * 1024**2
+# Forecasts are made from the minute history, again once a minute.
+FORECAST_REFRESH_S = 60.0
+
+
+class Waiter:
+    """Sleeps until the next tick, a poke or a stop, whichever comes first."""
+
+    def __init__(self, client: Any) -> None:
+        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
+        self._subscribed = False
+
+    def wait(self, seconds: float, stop: threading.Event | None = None) -> None:
+        deadline = time.monotonic() + seconds
+        # A stop is looked at every quarter second; beat has none (it exits by signal).
+        slice_s = 0.25 if stop is not None else seconds
+        try:
+            if not self._subscribed:
+                self._pubsub.subscribe(keys.SCALER_POKE)
+                self._subscribed = True
+            while (left := deadline - time.monotonic()) > 0:
+                if stop is not None and stop.is_set():
+                    return
+                if self._pubsub.get_message(timeout=min(left, slice_s)) is not None:
+                    return
+        except Exception as exc:  # Redis away: sleep the tick out, try again next time
+            logger.warning("scaler: waiting for pokes failed: %s", exc)
+            self._subscribed = False
+            left = max(0.0, deadline - time.monotonic())
+            if stop is not None:
+                stop.wait(left)
+            else:
+                time.sleep(left)
+
+    def close(self) -> None:
+        self._pubsub.close()
 
 
 @dataclass
@@ -63,20 +110,16 @@ class ScalerLoop:
         self.registry = RegistryPublisher(repository) if repository is not None else None
         self.state = PolicyState()
         self._sent: dict[tuple[str, str, str], float] = {}
-        self._rows: dict[tuple[str, str], int] = {}
-        self._popularity_at: float | None = None
-        self._unloads: dict[str, tuple[float, int, int]] = {}  # worker -> (time, rss, bytes)
-        # When the scaler first saw a version's requests wait with no loaded instance, and
-        # those whose wait past cold_start_timeout was reported.
-        self._cold_since: dict[ModelKey, float] = {}
-        self._cold_reported: set[ModelKey] = set()
+        self._forecasts: dict[ModelKey, Forecast] = {}
+        self._forecast_at = -math.inf
         self.last: TickResult | None = None
         settings = metrics_settings()
-        learning_s = config.zero_scaling.learning_window_hours * 3600
+        # The forecasts read the learning window and the hour before it (their level).
+        learning_s = config.zero_scaling.learning_window_hours * 3600 + LEVEL_S
         if config.enable_metrics and settings.minute_retention_s < learning_s:
             logger.warning(
                 "METRICS_MINUTE_RETENTION_S=%d keeps less than learning_window_hours=%g of "
-                "history; raise it to at least %d",
+                "history and an hour; raise it to at least %d",
                 settings.minute_retention_s,
                 config.zero_scaling.learning_window_hours,
                 learning_s,
@@ -94,6 +137,36 @@ class ScalerLoop:
             min_samples=config.alert_min_samples,
         )
 
+    # -- the run loop -----------------------------------------------------------------------
+    def run_once(
+        self,
+        waiter: Waiter,
+        *,
+        stop: threading.Event | None = None,
+        between: Callable[[], float | None] | None = None,
+    ) -> None:
+        """A tick, then the wait for the next one (cut short by a poke or ``stop``);
+        ``between`` runs in between and may shorten the wait (beat's periodic tasks)."""
+        started = time.monotonic()
+        try:
+            self.tick()
+        except Exception:
+            # Redis down or a bad answer: log it, keep running, try on the next tick.
+            logger.exception("scaler tick failed")
+        period = self.config.tick_interval_s
+        limit = between() if between is not None else None
+        waiter.wait(max(0.0, min(period - (time.monotonic() - started), limit or period)), stop)
+
+    def run(self, stop: threading.Event) -> None:
+        """Ticks until ``stop`` is set."""
+        waiter = Waiter(self.store.client)
+        try:
+            while not stop.is_set():
+                self.run_once(waiter, stop=stop)
+        finally:
+            with contextlib.suppress(Exception):
+                waiter.close()
+
     # -- the tick ---------------------------------------------------------------------------
     def tick(self, now: float | None = None) -> TickResult:
         now = time.time() if now is None else now
@@ -103,14 +176,15 @@ class ScalerLoop:
             return self.last
         self._publish_registry()
         view = self.store.read(now)
-        self._reap(view, now)
+        self._forget_exited(view)
         gone = self._failover(view)
-        plan, self.state = decide(self._as_commanded(view, now), self.config, self.state)
+        snapshot = dataclasses.replace(self._as_commanded(view, now), forecasts=self._forecast(now))
+        plan, self.state = decide(snapshot, self.config, self.state)
         plan.decisions[:0] = gone
         result = TickResult(leader=True, plan=plan)
-        self._watch_cold_starts(view, plan, now)
         self._apply(plan, view, now, result)
-        self._record_popularity(view, now)
+        if plan.popularity is not None:
+            self.store.add_popularity(*plan.popularity)
         result.tick_ms = (time.perf_counter() - started) * 1000
         # What producers need not poke the scaler for. A version this tick takes to zero is
         # out at once (its workers are told to stop now: a request arriving meanwhile must
@@ -142,6 +216,41 @@ class ScalerLoop:
             )
         self.last = result
         return result
+
+    def _forecast(self, now: float) -> dict[ModelKey, Forecast]:
+        """Each version's predicted request rate over the horizon, from its minute history
+        over the learning window (read once a minute; the policy acts on it every tick)."""
+        zero = self.config.zero_scaling
+        if not (zero.enable_predictive_scaling and self.config.enable_metrics):
+            return {}
+        if now - self._forecast_at < FORECAST_REFRESH_S:
+            return self._forecasts
+        self._forecast_at = now
+        kept = self.history.settings.minute_retention_s
+        window = int(min(zero.learning_window_hours * 3600 + LEVEL_S, kept))
+        horizon = zero.prediction_horizon_minutes * 60
+        try:
+            start, counts = self.history.minute_counts("req", window, now=now)
+            averages = self.history.window(window, now=now)["models"]
+        except Exception as exc:  # forecasts never stop scaling: keep the last ones
+            logger.warning("scaler forecasts failed: %s", exc)
+            return self._forecasts
+        forecasts = {}
+        for label, history in counts.items():
+            rates = forecast_rates(history, 60, horizon)
+            if not rates.any():
+                continue
+            stats = averages.get(label, {})
+            cold_ms = stats.get("average_cold_start_ms") or stats.get("average_load_time_ms") or 0
+            forecasts[ModelKey.parse(label)] = Forecast(
+                start=start + len(history) * 60,
+                step_s=60,
+                rates=tuple(float(r) for r in rates),
+                cold_start_s=cold_ms / 1000,
+                service_s=(stats.get("average_response_time_ms") or 0) / 1000,
+            )
+        self._forecasts = forecasts
+        return forecasts
 
     def _publish_registry(self) -> None:
         if self.registry is not None and self.registry.due():
@@ -221,9 +330,12 @@ class ScalerLoop:
                     continue
                 if self._due(name, "unload", text, now):
                     self._control("unload_model", name, model=key.name, version=key.version)
-                    rss = int(report.get("resources", {}).get("rss_bytes", 0))
-                    self._unloads[name] = (now, rss, int(model.get("bytes", 0)))
-        self._recycle(view, plan, now)
+        for name in plan.recycle + plan.reap:
+            record = view.fleet.get(name)
+            if record is not None:
+                if name in plan.reap:
+                    logger.warning("worker %s never reported; stopping it", name)
+                self.backend.stop(record)
         if self.backend.can_start:
             for name, wanted_keys in plan.assignments.items():
                 if name.startswith(NEW_WORKER_PREFIX):
@@ -277,93 +389,20 @@ class ScalerLoop:
             pipe.hdel(keys.routing_state_key(*key), f"inflight:{hostname}", f"latency:{hostname}")
         pipe.execute()
 
-    def _watch_cold_starts(self, view: FleetView, plan: Plan, now: float) -> None:
-        """Record a version whose requests wait past ``cold_start_timeout`` with no loaded
-        instance (a stuck load, no room for a worker): once, as a decision. A cold start
-        is counted with its duration, from the tick that first saw requests wait to the tick
-        that sees an instance serving or nothing left waiting."""
-        snapshot = view.snapshot
-        limit = self.config.zero_scaling.cold_start_timeout
-        for key in set(snapshot.queued) | set(self._cold_since):
-            warm = any(key in w.loaded and key in w.serving for w in snapshot.workers.values())
-            if warm or snapshot.load(key) == 0:
-                # Answered requests end it too: a fast load may finish between reports.
-                started = self._cold_since.pop(key, None)
-                self._cold_reported.discard(key)
-                if started is not None:
-                    self.metrics.count(
-                        {
-                            metric_field(MODEL, str(key), "cold_starts"): 1.0,
-                            metric_field(MODEL, str(key), "cold_ms"): (now - started) * 1000,
-                        },
-                        now,
-                    )
-                continue
-            since = self._cold_since.setdefault(key, now)
-            if key not in self._cold_reported and now - since > limit:
-                n = plan.desired.get(key, 0)
-                plan.decisions.append(
-                    Decision(key, n, n, f"cold start exceeded cold_start_timeout ({limit:g} s)")
-                )
-                self._cold_reported.add(key)  # once; again only after it turns warm
-
-    def _recycle(self, view: FleetView, plan: Plan, now: float) -> None:
-        """A worker whose RSS did not fall after a large unload is replaced."""
-        for name, (at, rss_before, size) in list(self._unloads.items()):
-            report = view.reports.get(name)
-            if report is None:
-                self._unloads.pop(name)
-                continue
-            if now - at < 3 * self.config.tick_interval_s:
-                continue
-            self._unloads.pop(name)
-            rss = int(report.get("resources", {}).get("rss_bytes", 0))
-            record = view.fleet.get(name)
-            if size >= RECYCLE_MIN_BYTES and rss > rss_before - size // 2 and record is not None:
-                plan.decisions.append(
-                    Decision(
-                        ModelKey("*", "*"), 1, 0, f"worker {name} recycled: memory not returned"
-                    )
-                )
-                self.backend.stop(record)
-
-    def _reap(self, view: FleetView, now: float) -> None:
-        """Forget fleet records of dead processes; stop workers that never reported."""
+    def _forget_exited(self, view: FleetView) -> None:
+        """Forget fleet records of exited processes; mark those seen reporting."""
         for name, record in list(view.fleet.items()):
-            reporting = name in view.reports
-            if reporting and not record.seen:
+            if name in view.reports and not record.seen:
                 record.seen = True
                 self.store.fleet_add(record)
             if not self.backend.alive(record):
                 self.store.fleet_remove(name)
                 view.fleet.pop(name)
                 view.snapshot.workers.pop(name, None)
+                view.snapshot.silent.pop(name, None)
                 logger.info("worker %s has exited", name)
-            elif not reporting and now - record.started_at > self.config.worker_start_timeout_s:
-                logger.warning("worker %s never reported; stopping it", name)
-                self.backend.stop(record)
 
     # -- bookkeeping ------------------------------------------------------------------------
-    def _record_popularity(self, view: FleetView, now: float) -> None:
-        counts: dict[ModelKey, float] = {}
-        rows_now: dict[tuple[str, str], int] = {}  # only reporting workers: the dead drop out
-        for worker, report in view.reports.items():
-            for text, stats in report.get("batching", {}).items():
-                rows = rows_now[(worker, text)] = int(stats.get("rows", 0))
-                before = self._rows.get((worker, text))
-                if before is not None and rows > before:
-                    counts[parse_key(text)] = counts.get(parse_key(text), 0.0) + rows - before
-        self._rows = rows_now
-        last = self._popularity_at
-        self._popularity_at = now
-        if last is None:
-            return
-        half_life_s = self.config.zero_scaling.learning_window_hours * 3600 / 8
-        decay = 0.5 ** ((now - last) / half_life_s)
-        if counts or decay < 0.999:
-            self.store.add_popularity(counts, decay)
-            self._popularity_at = now
-
     def _record_metrics(self, view: FleetView, plan: Plan, now: float, tick_ms: float) -> None:
         snapshot = view.snapshot
         fleet = {"active": 0.0, "loading": 0.0, "total": 0.0, "tick_ms": tick_ms}
@@ -389,6 +428,8 @@ class ScalerLoop:
             elif d.to_instances < d.from_instances:
                 events["scale_down"] += 1
         counters = {metric_field(FLEET, "-", name): float(n) for name, n in events.items()}
+        for key in plan.cold_starts:
+            counters[metric_field(MODEL, str(key), "cold_starts")] = 1.0
         self.metrics.count(counters, now)
         # The model gauges are normalised by the fleet's sample count (f|-|n).
         self.metrics.gauge(FLEET, "-", fleet, now)

@@ -14,7 +14,16 @@ Rules, per model version:
 - idle for ``scale_to_zero_delay`` (or ``model_ttl_seconds``): zero instances;
 - pinned by hand (``scale_model``), loaded by hand (``load_model``) or popular: kept;
 - a version whose load failed keeps at most one instance until ``failure_cooldown_seconds``
-  pass: its callers get the recorded error at once and nothing reloads in a loop.
+  pass: its callers get the recorded error at once and nothing reloads in a loop;
+- with a forecast (``enable_predictive_scaling``): instances come up a cold start ahead of
+  predicted traffic, and an idle version whose traffic is predicted back within the
+  horizon is not taken to zero.
+
+The rest of a tick's judgement lives here too, its memory carried in ``PolicyState``: the
+cold-start watch (a version waiting past ``cold_start_timeout``, and each cold start's
+duration), the recycle of a worker whose memory did not come back after an unload, the
+reap of workers that never reported, and the popularity counts and their decay. ``decide``
+never changes its inputs: the state it returns is new where it differs.
 
 Placement keeps what already runs where it runs, takes instances away from idle workers
 first, puts new ones on workers that hold the model already, then on workers with free
@@ -28,9 +37,14 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 
 from common.contracts import ModelKey
-from scaler.config import AutoscalerConfig, ColdStartStrategy, ScalingMode
+from scaler.config import AutoscalerConfig, ColdStartStrategy, ModelLoadingStrategy, ScalingMode
 
 NEW_WORKER_PREFIX = "new-"
+# An unload of at least this many bytes must show in the worker's RSS, or it is recycled.
+RECYCLE_MIN_BYTES = 64 * 1024**2
+# Predicted requests within a window worth an instance: more likely than not that one comes
+# (a Poisson arrival within the window has probability 1 - exp(-n)).
+LIKELY_ARRIVALS = math.log(2)
 
 
 @dataclass(frozen=True)
@@ -46,6 +60,11 @@ class WorkerInfo:
     # Versions whose health checks fail here: not instances, not placed here again until
     # the worker retries them (after failure_cooldown_seconds).
     unhealthy: frozenset[ModelKey] = frozenset()
+    # Resident memory, the bytes of each loaded version, and the rows served per version
+    # since the worker started (from its report).
+    rss_bytes: int = 0
+    model_bytes: tuple[tuple[ModelKey, int], ...] = ()
+    rows: tuple[tuple[ModelKey, int], ...] = ()
 
     def busy_on(self, key: ModelKey) -> int:
         return dict(self.busy).get(key, 0)
@@ -72,6 +91,9 @@ class Snapshot:
     failures: dict[ModelKey, float] = field(default_factory=dict)  # last failed load: when
     # Per-version overrides from the model config's "scaling" section.
     overrides: dict[ModelKey, dict[str, float]] = field(default_factory=dict)
+    # Processes this scaler started that do not report (yet): when each started.
+    silent: dict[str, float] = field(default_factory=dict)
+    forecasts: dict[ModelKey, Forecast] = field(default_factory=dict)
 
     def in_flight(self, key: ModelKey) -> int:
         return self.held.get(key, 0)
@@ -81,6 +103,40 @@ class Snapshot:
 
     def current(self, key: ModelKey) -> int:
         return sum(1 for w in self.workers.values() if key in w.serving and key not in w.unhealthy)
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """A version's predicted request rate: ``rates[i]`` requests/s from ``start + i * step_s``,
+    with what it takes to act on it: its measured cold start and seconds of work per
+    request (from the history)."""
+
+    start: float
+    step_s: float
+    rates: tuple[float, ...]
+    cold_start_s: float = 0.0
+    service_s: float = 0.0
+
+    def expected(self, begin: float, end: float) -> float:
+        """Requests predicted in [begin, end)."""
+        total = 0.0
+        for i, rate in enumerate(self.rates):
+            lo = max(begin, self.start + i * self.step_s)
+            hi = min(end, self.start + (i + 1) * self.step_s)
+            if hi > lo:
+                total += rate * (hi - lo)
+        return total
+
+    def peak(self, begin: float, end: float) -> float:
+        """The highest predicted rate over [begin, end)."""
+        return max(
+            (
+                rate
+                for i, rate in enumerate(self.rates)
+                if self.start + i * self.step_s < end and self.start + (i + 1) * self.step_s > begin
+            ),
+            default=0.0,
+        )
 
 
 @dataclass
@@ -96,6 +152,16 @@ class VersionState:
 class PolicyState:
     versions: dict[ModelKey, VersionState] = field(default_factory=dict)
     started_at: float | None = None
+    # Versions waiting for a first instance since, and those reported past the timeout.
+    cold_since: dict[ModelKey, float] = field(default_factory=dict)
+    cold_reported: frozenset[ModelKey] = frozenset()
+    # Per worker: its RSS and model bytes at the last tick, and an unload being watched
+    # (when, RSS before, bytes unloaded).
+    memory: dict[str, tuple[int, dict[ModelKey, int]]] = field(default_factory=dict)
+    unloads: dict[str, tuple[float, int, int]] = field(default_factory=dict)
+    # Rows served per (worker, version) at the last count, and when popularity last moved.
+    rows: dict[tuple[str, ModelKey], int] = field(default_factory=dict)
+    popularity_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -115,11 +181,39 @@ class Plan:
     decisions: list[Decision]
     # Workers the plan could not place because the fleet is at max_workers.
     unplaced: dict[ModelKey, int] = field(default_factory=dict)
+    # Versions whose cold start ended this tick, workers to replace (memory not returned,
+    # never reported), and requests counted for popularity with the decay
+    # of the scores since the last count.
+    cold_starts: list[ModelKey] = field(default_factory=list)
+    recycle: list[str] = field(default_factory=list)
+    reap: list[str] = field(default_factory=list)
+    popularity: tuple[dict[ModelKey, float], float] | None = None
 
 
 def decide(
     snapshot: Snapshot, config: AutoscalerConfig, state: PolicyState
 ) -> tuple[Plan, PolicyState]:
+    served, rows = _served(snapshot, state)
+    plan, versions, started_at = _scale(snapshot, config, state, served)
+    cold_since, cold_reported = _watch_cold_starts(snapshot, config, state, plan)
+    memory, unloads = _watch_memory(snapshot, config, state, plan)
+    _reap(snapshot, config, plan)
+    popularity_at = _count_popularity(snapshot, config, state, plan, served)
+    return plan, PolicyState(
+        versions=versions,
+        started_at=started_at,
+        cold_since=cold_since,
+        cold_reported=cold_reported,
+        memory=memory,
+        unloads=unloads,
+        rows=rows,
+        popularity_at=popularity_at,
+    )
+
+
+def _scale(
+    snapshot: Snapshot, config: AutoscalerConfig, state: PolicyState, served: dict[ModelKey, float]
+) -> tuple[Plan, dict[ModelKey, VersionState], float]:
     now = snapshot.now
     versions = dict(state.versions)
     started_at = state.started_at if state.started_at is not None else now
@@ -128,19 +222,27 @@ def decide(
         | set(versions)
         | {k for w in snapshot.workers.values() for k in w.serving | {b for b, _ in w.busy}}
         | _popular(snapshot, config)
+        | _predicted(snapshot, config)
+        | _eager(snapshot, config, started_at)
     )  # fmt: skip
     keys &= set(snapshot.models)
     desired: dict[ModelKey, int] = {}
     decisions: list[Decision] = []
     for key in sorted(keys):
         current = snapshot.current(key)
-        # A version found serving by a fresh scaler (a restart) counts as just active, so
-        # that a restart never scales the fleet down on the spot.
         vstate = versions.get(key)
         if vstate is None:
+            # A version found serving by a fresh scaler (a restart) counts as just active,
+            # so that a restart never scales the fleet down on the spot.
             vstate = VersionState(last_active=now if current > 0 else -math.inf)
-            if current > 0:  # a restarted scaler: what serves now is wanted for the window
+            if current > 0:
                 vstate.recommendations.append((now, current))
+        else:  # copy on write: the caller's state stays as it was
+            vstate = replace(vstate, recommendations=deque(vstate.recommendations))
+        if served.get(key):
+            # Answered since the last tick: busy, even if nothing waits at this instant
+            # (a request of a few ms is rarely in flight when the scaler looks).
+            vstate.last_active = now
         target, reason, immediate, vstate = _recommend(
             key, snapshot, config, vstate, current, started_at
         )
@@ -154,15 +256,70 @@ def decide(
         forgettable = target == 0 and current == 0 and snapshot.load(key) == 0
         if forgettable and now - vstate.last_active > config.scale_down_stabilization_s:
             versions.pop(key, None)  # nothing to remember about a version idle at zero
-    plan = _place(snapshot, config, desired, decisions)
-    return plan, PolicyState(versions=versions, started_at=started_at)
+    return _place(snapshot, config, desired, decisions), versions, started_at
 
 
 def _popular(snapshot: Snapshot, config: AutoscalerConfig) -> set[ModelKey]:
-    zero = config.zero_scaling
-    if not zero.preload_popular_models:
+    zero, loading = config.zero_scaling, config.model_loading
+    if not (zero.preload_popular_models or loading.prefetch_popular_models):
         return set()
     return {k for k, score in snapshot.popularity.items() if score >= zero.popularity_threshold}
+
+
+def _predicted(snapshot: Snapshot, config: AutoscalerConfig) -> set[ModelKey]:
+    return set(snapshot.forecasts) if config.zero_scaling.enable_predictive_scaling else set()
+
+
+def _eager(snapshot: Snapshot, config: AutoscalerConfig, started_at: float) -> set[ModelKey]:
+    """Versions loaded without a request: all of them with ``enable_dynamic_loading`` off,
+    and at the scaler's start (until ``scale_to_zero_delay``) with ``loading_strategy``
+    eager."""
+    if _static(config) or _eager_window(snapshot.now, config, started_at):
+        return set(snapshot.models)
+    return set()
+
+
+def _static(config: AutoscalerConfig) -> bool:
+    return not config.enable_dynamic_loading
+
+
+def _eager_window(now: float, config: AutoscalerConfig, started_at: float) -> bool:
+    eager = config.model_loading.loading_strategy is ModelLoadingStrategy.EAGER
+    return eager and now - started_at < config.zero_scaling.scale_to_zero_delay
+
+
+def _lead_s(forecast: Forecast, config: AutoscalerConfig) -> float:
+    """How far ahead instances are started: a cold start, and a tick to see the need."""
+    return forecast.cold_start_s + config.tick_interval_s
+
+
+def _forecast_instances(
+    forecast: Forecast | None, now: float, config: AutoscalerConfig, target_load: float
+) -> tuple[int, str]:
+    """Instances the predicted rate needs a cold start from now (Little's law: requests
+    in flight = rate x seconds per request), and the reason that names the forecast."""
+    if forecast is None:
+        return 0, ""
+    lead = _lead_s(forecast, config)
+    peak = forecast.peak(now, now + lead)
+    in_flight = peak * forecast.service_s
+    if in_flight / target_load > 1:
+        need = math.ceil(in_flight / target_load - 1e-9)
+    else:  # one instance where a request is likely before one could start
+        need = int(forecast.expected(now, now + lead) >= LIKELY_ARRIVALS)
+    cold = forecast.cold_start_s
+    return need, f"forecast: {peak:.3g} req/s within {lead:.0f} s (cold start {cold:.1f} s)"
+
+
+def _forecast_keep(forecast: Forecast | None, now: float, config: AutoscalerConfig) -> str | None:
+    """A reason to hold one instance: a request is more likely than not within the horizon."""
+    if forecast is None:
+        return None
+    horizon = config.zero_scaling.prediction_horizon_minutes * 60
+    expected = forecast.expected(now, now + horizon)
+    if expected < LIKELY_ARRIVALS:
+        return None
+    return f"forecast: {expected:.3g} requests within {horizon / 60:g} min"
 
 
 def _bound(key: ModelKey, snapshot: Snapshot, config: AutoscalerConfig) -> tuple[int, int]:
@@ -191,7 +348,11 @@ def _recommend(
     low, high = _bound(key, snapshot, config)
     target_load = float(override.get("target_load_per_instance", config.target_load_per_instance))
     delay = float(override.get("scale_to_zero_delay", zero.scale_to_zero_delay))
+    if not loading.enable_model_caching:
+        delay = 0.0  # nothing is kept loaded for later requests
     unloaded_at = snapshot.unloads.get(key)
+    forecast = snapshot.forecasts.get(key) if zero.enable_predictive_scaling else None
+    predicted, predicted_reason = _forecast_instances(forecast, now, config, target_load)
 
     if key in snapshot.pins:
         return min(snapshot.pins[key], config.max_workers), "pinned by hand", True, vstate
@@ -204,9 +365,12 @@ def _recommend(
         if current == 0:
             wanted = max(wanted, loading.default_instances_per_model)
             reason = f"cold start: {load} requests waiting"
+        if predicted > wanted:
+            wanted, reason = predicted, predicted_reason
         target = min(max(wanted, low, 1), high)
     elif zero.mode is ScalingMode.FIXED:
-        return current, "fixed mode", True, vstate
+        keep = _keep_reason(key, snapshot, config, started_at, current) if current == 0 else None
+        return (1, keep, True, vstate) if keep else (current, "fixed mode", True, vstate)
     else:
         idle_s = now - vstate.last_active
         zero_ok = config.enable_zero_scaling and zero.enabled and zero.mode is ScalingMode.ZERO
@@ -227,11 +391,15 @@ def _recommend(
             )
         else:
             target, reason = min(low, high), "idle"
-        keep = _keep_reason(key, snapshot, config, started_at) if target == 0 else None
+        if predicted > target:
+            return min(predicted, high), predicted_reason, True, vstate
+        keep = _keep_reason(key, snapshot, config, started_at, current) if target == 0 else None
+        if keep is None and target == 0 and (loading.enable_model_caching or current == 0):
+            keep = _forecast_keep(forecast, now, config)
         if keep:
             return 1, keep, True, vstate
         return target, reason, immediate, vstate
-    keep = _keep_reason(key, snapshot, config, started_at) if target == 0 else None
+    keep = _keep_reason(key, snapshot, config, started_at, current) if target == 0 else None
     if keep:
         target, reason = 1, keep
     failed_at = snapshot.failures.get(key)
@@ -241,15 +409,26 @@ def _recommend(
 
 
 def _keep_reason(
-    key: ModelKey, snapshot: Snapshot, config: AutoscalerConfig, started_at: float
+    key: ModelKey, snapshot: Snapshot, config: AutoscalerConfig, started_at: float, current: int
 ) -> str | None:
+    """Why a version without requests has an instance: loaded by hand, served statically,
+    loaded eagerly at start, or popular (prefetched when the scaler starts, kept loaded)."""
     if key in snapshot.loads:
         return "loaded by hand"
-    zero = config.zero_scaling
+    if _static(config):
+        return "enable_dynamic_loading off: every registered version stays loaded"
+    if _eager_window(snapshot.now, config, started_at):
+        return "loading_strategy eager: loaded at start"
+    zero, loading = config.zero_scaling, config.model_loading
     score = snapshot.popularity.get(key, 0.0)
     eager = zero.cold_start_strategy in (ColdStartStrategy.EAGER, ColdStartStrategy.HYBRID)
-    if eager and zero.preload_popular_models and score >= zero.popularity_threshold:
-        return f"popular (score {score:.1f} >= {zero.popularity_threshold:g}): kept loaded"
+    if not eager or score < zero.popularity_threshold:
+        return None
+    popular = f"popular (score {score:.1f} >= {zero.popularity_threshold:g})"
+    if loading.prefetch_popular_models and snapshot.now - started_at < zero.scale_to_zero_delay:
+        return f"{popular}: prefetched at start"
+    if current > 0 and zero.preload_popular_models and loading.enable_model_caching:
+        return f"{popular}: kept loaded"
     return None
 
 
@@ -383,3 +562,104 @@ def _place(
         decisions=decisions,
         unplaced=unplaced,
     )
+
+
+def _watch_cold_starts(
+    snapshot: Snapshot, config: AutoscalerConfig, state: PolicyState, plan: Plan
+) -> tuple[dict[ModelKey, float], frozenset[ModelKey]]:
+    """A version whose requests wait past ``cold_start_timeout`` with no loaded instance (a
+    stuck load, no room for a worker) is a decision, once. A cold start ends at the tick
+    that sees an instance serving or nothing left waiting (answered requests end it too: a
+    fast load may finish between reports); its requests' waits are the workers' to record."""
+    now, limit = snapshot.now, config.zero_scaling.cold_start_timeout
+    since, reported = dict(state.cold_since), set(state.cold_reported)
+    for key in set(snapshot.queued) | set(since):
+        warm = any(key in w.loaded and key in w.serving for w in snapshot.workers.values())
+        if warm or snapshot.load(key) == 0:
+            started = since.pop(key, None)
+            reported.discard(key)
+            if started is not None:
+                plan.cold_starts.append(key)
+            continue
+        started = since.setdefault(key, now)
+        if key not in reported and now - started > limit:
+            n = plan.desired.get(key, 0)
+            plan.decisions.append(
+                Decision(key, n, n, f"cold start exceeded cold_start_timeout ({limit:g} s)")
+            )
+            reported.add(key)  # once; again only after it turns warm
+    return since, frozenset(reported)
+
+
+def _watch_memory(
+    snapshot: Snapshot, config: AutoscalerConfig, state: PolicyState, plan: Plan
+) -> tuple[dict[str, tuple[int, dict[ModelKey, int]]], dict[str, tuple[float, int, int]]]:
+    """A worker whose RSS did not fall by half of what it unloaded (of a large model, within
+    three ticks) is replaced: the allocator kept the memory."""
+    now = snapshot.now
+    memory: dict[str, tuple[int, dict[ModelKey, int]]] = {}
+    unloads = {n: u for n, u in state.unloads.items() if n in snapshot.workers}
+    for name, worker in sorted(snapshot.workers.items()):
+        if worker.starting:
+            continue
+        models = dict(worker.model_bytes)
+        memory[name] = (worker.rss_bytes, models)
+        before = state.memory.get(name)
+        if before is not None and name not in unloads:
+            gone = sum(n for k, n in before[1].items() if k not in models)
+            if gone >= RECYCLE_MIN_BYTES:
+                unloads[name] = (now, before[0], gone)
+        watched = unloads.get(name)
+        if watched is None or now - watched[0] < 3 * config.tick_interval_s:
+            continue
+        _, rss_before, size = unloads.pop(name)
+        if worker.managed and worker.rss_bytes > rss_before - size // 2:
+            plan.recycle.append(name)
+            plan.decisions.append(
+                Decision(ModelKey("*", "*"), 1, 0, f"worker {name} recycled: memory not returned")
+            )
+    return memory, unloads
+
+
+def _reap(snapshot: Snapshot, config: AutoscalerConfig, plan: Plan) -> None:
+    """Processes started here that never reported within ``worker_start_timeout_s``."""
+    limit = config.worker_start_timeout_s
+    for name, started_at in sorted(snapshot.silent.items()):
+        if snapshot.now - started_at > limit:
+            plan.reap.append(name)
+
+
+def _served(
+    snapshot: Snapshot, state: PolicyState
+) -> tuple[dict[ModelKey, float], dict[tuple[str, ModelKey], int]]:
+    """Requests answered since the last tick per version, from the workers' row counters
+    (a worker gone drops out; a restarted counter counts from zero), and the counters."""
+    counts: dict[ModelKey, float] = {}
+    rows: dict[tuple[str, ModelKey], int] = {}
+    for name, worker in snapshot.workers.items():
+        for key, n in worker.rows:
+            rows[(name, key)] = n
+            before = state.rows.get((name, key))
+            if before is not None and n > before:
+                counts[key] = counts.get(key, 0.0) + n - before
+    return counts, rows
+
+
+def _count_popularity(
+    snapshot: Snapshot,
+    config: AutoscalerConfig,
+    state: PolicyState,
+    plan: Plan,
+    served: dict[ModelKey, float],
+) -> float:
+    """Popularity grows by the requests answered and decays with a half life of an eighth
+    of the learning window; returns when the scores last moved."""
+    now = snapshot.now
+    if state.popularity_at is None:
+        return now
+    half_life_s = config.zero_scaling.learning_window_hours * 3600 / 8
+    decay = 0.5 ** ((now - state.popularity_at) / half_life_s)
+    if served or decay < 0.999:
+        plan.popularity = (served, decay)
+        return now
+    return state.popularity_at

@@ -169,6 +169,7 @@ class ScalerStore:
                 parse_key(k.decode()): float(json.loads(v)["time"]) for k, v in failures.items()
             },
             overrides=dict(self._overrides),
+            silent={n: r.started_at for n, r in fleet.items() if n not in reports},
             **self._manual(overrides),
         )
         consumers = {keys.text(q).partition("@")[2] for q in instance_queues}
@@ -258,6 +259,15 @@ class ScalerStore:
                     parse_key(text)
                     for text, check in report.get("instances_health", {}).items()
                     if check["state"] == "unhealthy"
+                ),
+                rss_bytes=int(report.get("resources", {}).get("rss_bytes", 0)),
+                model_bytes=tuple(
+                    (ModelKey(m["name"], m["version"]), int(m.get("bytes", 0)))
+                    for m in report.get("models", [])
+                ),
+                rows=tuple(
+                    (parse_key(text), int(stats.get("rows", 0)))
+                    for text, stats in report.get("batching", {}).items()
                 ),
             )
         for name, record in fleet.items():

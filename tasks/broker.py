@@ -97,6 +97,9 @@ RESULT_PREFIX = "celery-task-meta-"
 REPLY_HEADER = "reply_channel"
 # Header of the queue-wait metric: when the producer published (epoch seconds).
 PUBLISHED_HEADER = "published_at"
+# Header of a request published while no instance served its version: its wait until the
+# answer is a cold start as callers see it.
+COLD_START_HEADER = "cold_start"
 # ``body_encoding`` of the msgpack envelope: the body's bytes as they are.
 BINARY = "binary"
 
@@ -414,6 +417,10 @@ class TaskMessage:
     expires: datetime | None
     reply_channel: str | None
     published_at: float | None
+
+    @property
+    def cold_start(self) -> bool:
+        return bool(self.headers.get(COLD_START_HEADER))
 
     @property
     def expired(self) -> bool:

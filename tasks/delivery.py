@@ -301,8 +301,9 @@ class Receiver:
         queued_s = max(time.time() - published, 0.0) if published is not None else 0.0
         expires_at = message.expires.timestamp() if message.expires is not None else None
         self.server.submit(
-            key, inputs, single=single, ticket=delivery, queued_s=queued_s, expires_at=expires_at
-        )
+            key, inputs, single=single, ticket=delivery, queued_s=queued_s, expires_at=expires_at,
+            cold_start=message.cold_start,
+        )  # fmt: skip
         return False
 
     def _announce(self, message: broker.TaskMessage) -> None:

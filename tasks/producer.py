@@ -128,6 +128,12 @@ class Producer:
             version = yield from self.registry.resolve(call.model, call.version)
             route = yield from self.balancer.route(call.model, version, call.inputs, call.key)
         task_id = call.task_id or broker.new_task_id()
+        headers = call.headers
+        fresh = hot is None or hot[0] <= time.monotonic()
+        text = keys.model_key_text(call.model, version)
+        if fresh and not (yield from self.served.is_served(text)):
+            # No instance serves it: the worker records this request's wait as a cold start.
+            headers = {**(headers or {}), broker.COLD_START_HEADER: 1}
         message = broker.encode_task_message(
             PREDICT if call.single else PREDICT_BATCH,
             task_id,
@@ -138,7 +144,7 @@ class Producer:
             priority=call.priority,
             expires=broker.expires_at(call.expires),
             reply_channel=reply_channel,
-            headers=call.headers,
+            headers=headers,
             max_body_bytes=self.max_payload_bytes,
         )
         commands: Commands = []
@@ -150,8 +156,7 @@ class Producer:
         in_flight = route.in_flight_command(call.model, version)
         if in_flight is not None:
             commands.append(in_flight)
-        if hot is None or hot[0] <= time.monotonic():
-            text = keys.model_key_text(call.model, version)
+        if fresh:
             if (yield from self.served.poke_due(text)):
                 # After the message: the woken scaler finds it queued.
                 commands.append(("PUBLISH", keys.SCALER_POKE, text))

@@ -135,12 +135,17 @@ class ServedView:
         self._at = -1e9
         self._poked: dict[str, float] = {}
 
-    def poke_due(self, text: str) -> Reads[bool]:
+    def is_served(self, text: str) -> Reads[bool]:
         now = time.monotonic()
         if now - self._at >= self._ttl_s:
             (members,) = yield [("SMEMBERS", keys.SERVED)]
             self._served, self._at = frozenset(keys.text(m) for m in members), now
-        if text in self._served or now - self._poked.get(text, -1e9) < POKE_INTERVAL_S:
+        return text in self._served
+
+    def poke_due(self, text: str) -> Reads[bool]:
+        """Not served, and not poked for within ``POKE_INTERVAL_S``."""
+        now = time.monotonic()
+        if (yield from self.is_served(text)) or now - self._poked.get(text, -1e9) < POKE_INTERVAL_S:
             return False
         if len(self._poked) > 10_000:
             self._poked.clear()

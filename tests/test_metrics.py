@@ -123,7 +123,10 @@ def test_series_points_sum_to_the_window_and_fill_idle_steps(client: redis.Redis
         recorder.gauge("f", "-", {"total": 1.0, "tick_ms": 4.0}, t)
         recorder.sample({"m|tiny_mlp/v1|instances": 1.0, "m|tiny_mlp/v1|queued": 3.0}, t)
         if i == 12:
-            recorder.count({"m|tiny_mlp/v1|cold_starts": 1, "m|tiny_mlp/v1|cold_ms": 800.0}, t)
+            recorder.count(
+                {"m|tiny_mlp/v1|cold_starts": 1, "m|tiny_mlp/v1|cold_req": 2.0,
+                 "m|tiny_mlp/v1|cold_req_ms": 1600.0}, t,
+            )  # fmt: skip
     recorder.flush()
     history = MetricsHistory(client, SETTINGS)
 
@@ -136,6 +139,7 @@ def test_series_points_sum_to_the_window_and_fill_idle_steps(client: redis.Redis
     assert tiny_points["average_instances"] == [1.0, 1.0, 1.0]
     assert tiny_points["average_queue_depth"] == [3.0, 3.0, 3.0]
     assert tiny_points["cold_starts"] == [0, 1, 0]
+    assert tiny_points["cold_start_requests"] == [0, 2, 0]
     assert tiny_points["average_cold_start_ms"] == [None, 800.0, None]
     p50 = tiny_points["p50_response_time_ms"]
     assert p50[2] is None and abs(p50[0] - 5.0) <= 5.0 * 0.25
@@ -229,6 +233,26 @@ class _Receiver(BaseHTTPRequestHandler):
 
     def log_message(self, *args: Any) -> None:
         return None
+
+
+def test_requests_that_arrived_at_zero_instances_are_the_cold_start(client: redis.Redis) -> None:
+    """The producer's mark makes a request a cold-start sample: its whole wait, publish to
+    answer, per version; the ``cold_start_time_ms`` alert reads that average."""
+    from monitoring.alerts import readings
+
+    recorder = MetricsRecorder(client, SETTINGS)
+    tiny = ModelKey("tiny_mlp", "v1")
+    recorder.observe(
+        [outcome(tiny, 4000.0, cold_start=True), outcome(tiny, 2000.0, cold_start=True)]
+        + [outcome(tiny, 5.0)] * 8,
+        now=NOW,
+    )
+    recorder.flush()
+    window = MetricsHistory(client, SETTINGS).window(60, now=NOW)
+    stats = window["models"]["tiny_mlp/v1"]
+    assert stats["requests"] == 10 and stats["cold_start_requests"] == 2
+    assert stats["average_cold_start_ms"] == pytest.approx(3000.0)
+    assert ("cold_start_time_ms", "tiny_mlp/v1", 3000.0) in readings(window, {}, min_samples=10)
 
 
 def test_alert_fires_once_repeats_after_cooldown_and_resolves(client: redis.Redis) -> None:

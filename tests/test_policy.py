@@ -317,3 +317,67 @@ def test_an_unhealthy_instance_is_replaced_elsewhere_and_not_placed_back() -> No
     retried = replace(alone, workers={"w-sick": replace(sick, unhealthy=frozenset())})
     plan, _ = decide(retried, cfg, PolicyState())
     assert A in plan.assignments["w-sick"]
+
+
+# -- every SEED setting does what it says ----------------------------------------------------
+
+
+def test_eager_loading_strategy_loads_every_version_at_start_then_idles_them_out() -> None:
+    fleet = Fleet(config(loading={"loading_strategy": "eager"}))
+    plan = fleet.tick(0.0)
+    assert plan.desired == {A: 1, B: 1, C: 1}
+    assert all("loading_strategy eager" in d.reason for d in plan.decisions)
+    fleet.tick(30.0)
+    assert fleet.instances(A) == 1  # within scale_to_zero_delay of the start
+    fleet.tick(61.0)
+    fleet.tick(75.0)
+    assert fleet.workers == {}  # unused since the start: idle past the delay, then gone
+    lazy = Fleet(config())
+    assert lazy.tick(0.0).desired == {}
+
+
+def test_without_dynamic_loading_every_version_stays_loaded() -> None:
+    fleet = Fleet(config(enable_dynamic_loading=False, max_workers=3))
+    fleet.tick(0.0)
+    for now in (100.0, 1000.0, 5000.0):
+        fleet.tick(now)
+        assert {k: fleet.instances(k) for k in MODELS} == {A: 1, B: 1, C: 1}
+    fleet.tick(5001.0, {A: 25})  # demand still adds instances
+    assert fleet.instances(A) == 3
+
+
+def test_without_model_caching_an_idle_version_is_not_kept() -> None:
+    fleet = Fleet(config(loading={"enable_model_caching": False}))
+    fleet.tick(0.0, {A: 5})
+    fleet.tick(1.0)  # idle: nothing is kept loaded for a later request
+    fleet.tick(12.0)
+    assert fleet.instances(A) == 0
+    cached = Fleet(config())
+    cached.tick(0.0, {A: 5})
+    cached.tick(12.0)
+    assert cached.instances(A) == 1  # kept until scale_to_zero_delay (60 s)
+
+
+def test_prefetch_and_preload_of_popular_versions_are_separate() -> None:
+    popular = {"popularity": {C: 9.0}}
+    eager = {"cold_start_strategy": ColdStartStrategy.EAGER, "popularity_threshold": 5}
+    # prefetch only: loaded when the scaler starts, not kept once idle past the delay
+    fleet = Fleet(config(zero={**eager, "preload_popular_models": False}))
+    plan = fleet.tick(0.0, **popular)
+    assert plan.desired == {C: 1} and "prefetched at start" in plan.decisions[0].reason
+    fleet.tick(30.0, **popular)
+    assert fleet.instances(C) == 1
+    fleet.tick(100.0, **popular)
+    assert fleet.instances(C) == 0
+    # preload only: not loaded without a request, kept once loaded
+    fleet = Fleet(config(zero=eager, loading={"prefetch_popular_models": False}))
+    assert fleet.tick(0.0, **popular).desired == {}
+    fleet.tick(1.0, {C: 1}, **popular)
+    fleet.tick(500.0, **popular)
+    assert fleet.instances(C) == 1
+
+
+def test_predictive_scaling_needs_a_day_of_learning() -> None:
+    with pytest.raises(ConfigError, match="learning_window_hours=6 is below the 24 hours"):
+        ZeroScalingConfig(learning_window_hours=6)
+    assert ZeroScalingConfig(learning_window_hours=6, enable_predictive_scaling=False)

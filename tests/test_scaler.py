@@ -108,6 +108,27 @@ def test_from_zero_burst_and_back_to_zero(
     print(f"\ncold start from zero (process start + load): {cold_s:.2f} s")
 
 
+def test_a_forecast_loads_a_version_before_its_traffic_and_names_it(
+    scaler: Any, client: redis.Redis
+) -> None:
+    """Yesterday this version had traffic from five minutes after this time of day: with a
+    day and an hour of minute history in Redis, beat loads it before any request."""
+    now = int(time.time())
+    pipe = client.pipeline(transaction=False)
+    for minute in range(now // 60 - 25 * 60, now // 60):
+        since_yesterday = minute - (now // 60 - 24 * 60)
+        if 5 <= since_yesterday < 35:  # 30 requests a minute, then, yesterday
+            bucket = keys.metrics_minute_key(minute)
+            pipe.hincrbyfloat(bucket, "m|linear/v1|req", 30)
+            pipe.expire(bucket, 7200)
+    pipe.execute()
+    scaler()
+    wait_for(lambda: instances(client, "linear/v1") == 1, timeout_s=60, what="linear/v1 loaded")
+    reasons = [d["reason"] for d in decisions(client) if d["model"] == "linear"]
+    assert any(r.startswith("forecast: ") and "within 30 min" in r for r in reasons), reasons
+    assert client.llen(keys.queue_name("linear", "v1")) == 0  # no request asked for it
+
+
 def test_two_beats_one_leader_and_failover(scaler: Any, client: redis.Redis) -> None:
     first = scaler("first")
     leader = wait_for(lambda: client.get(keys.SCALER_LEADER), what="a leader").decode()

@@ -146,7 +146,8 @@ def test_a_worker_that_keeps_its_memory_after_an_unload_is_recycled(client: redi
 
     from common import keys
     from scaler.config import AutoscalerConfig
-    from scaler.loop import RECYCLE_MIN_BYTES, ScalerLoop
+    from scaler.loop import ScalerLoop
+    from scaler.policy import RECYCLE_MIN_BYTES
     from scaler.store import FleetRecord
     from workers import app
 
@@ -169,7 +170,9 @@ def test_a_worker_that_keeps_its_memory_after_an_unload_is_recycled(client: redi
     loop.tick(now)  # nobody wants linear/v1: both are told to unload it
     report("kept", 10 * size, [])  # RSS did not move
     report("freed", 9 * size, [])  # RSS fell by the model's size
-    loop.tick(now + 5)
+    loop.tick(now + 5)  # the unload is seen in the reports
+    assert backend.stopped == []
+    loop.tick(now + 10)  # three ticks later: judged
     assert backend.stopped == ["kept"]
     assert any("recycled: memory not returned" in d["reason"] for d in loop.store.decisions())
 
