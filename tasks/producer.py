@@ -131,7 +131,7 @@ class Producer:
         headers = call.headers
         fresh = hot is None or hot[0] <= time.monotonic()
         text = keys.model_key_text(call.model, version)
-        if fresh and not (yield from self.served.is_served(text)):
+        if fresh and not (yield from self.served.is_served(text)) and self.served.scaler:
             # No instance serves it: the worker records this request's wait as a cold start.
             headers = {**(headers or {}), broker.COLD_START_HEADER: 1}
         message = broker.encode_task_message(

@@ -134,12 +134,15 @@ class ServedView:
         self._served: frozenset[str] = frozenset()
         self._at = -1e9
         self._poked: dict[str, float] = {}
+        # A scaler publishes the set: without one (a static fleet) nothing is known served.
+        self.scaler = False
 
     def is_served(self, text: str) -> Reads[bool]:
         now = time.monotonic()
         if now - self._at >= self._ttl_s:
-            (members,) = yield [("SMEMBERS", keys.SERVED)]
+            members, scaler = yield [("SMEMBERS", keys.SERVED), ("EXISTS", keys.SCALER_STATUS)]
             self._served, self._at = frozenset(keys.text(m) for m in members), now
+            self.scaler = bool(scaler)
         return text in self._served
 
     def poke_due(self, text: str) -> Reads[bool]:

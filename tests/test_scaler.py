@@ -12,8 +12,12 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
+from api.prometheus import render_metrics
 from common import keys
+from common.settings import MetricsSettings
+from monitoring.metrics import MetricsHistory
 from tests.helpers import BeatProcess, stop_fleet, wait_for, write_slow_recorder
 
 pytestmark = pytest.mark.timeout(240)
@@ -96,6 +100,23 @@ def test_from_zero_burst_and_back_to_zero(
     cold_s = time.monotonic() - started
     assert first.tolist() == [2.0] * 4
     assert any(d["to"] == 1 and "cold start" in d["reason"] for d in decisions(client))
+    # The request that found no instance is the version's cold start, as its caller saw it.
+    history = MetricsHistory(client, MetricsSettings())
+
+    def cold_stats() -> dict[str, Any] | None:
+        stats = history.window(300)["models"].get("slow/v1", {})
+        return stats if stats.get("cold_start_requests") == 1 else None
+
+    cold = wait_for(cold_stats, what="the cold-start request in the history")
+    assert 0 < cold["average_cold_start_ms"] <= cold_s * 1000 * 1.25 + 50, (cold, cold_s)
+    families = {
+        f.name: f for f in text_string_to_metric_families(render_metrics(client)[0].decode())
+    }
+    exported = {s.name: s.value for s in families["inference_cold_start_seconds"].samples}
+    assert exported["inference_cold_start_seconds_count"] == 1
+    assert exported["inference_cold_start_seconds_sum"] == pytest.approx(
+        cold["average_cold_start_ms"] / 1000, rel=0.01
+    )
 
     results = [predict.delay("slow", np.full(4, i, np.float32)) for i in range(3000)]
     wait_for(lambda: instances(client, "slow/v1") >= 2, timeout_s=60, what="a second instance")
@@ -296,6 +317,12 @@ def test_the_python_api_in_process(client: redis.Redis, example_repo: Path) -> N
         async with zero.scaler_context():
             assert (await zero.predict("tiny_mlp", [0.0] * 64))[0] != 0
             assert client.hgetall(keys.FLEET)
+
+            def cold_start() -> dict[str, Any] | None:
+                return zero.autoscaler.get_stats()["cold_starts"].get("tiny_mlp/v1")
+
+            tiny = await asyncio.to_thread(wait_for, cold_start, what="tiny_mlp's cold start")
+            assert tiny["requests"] == 1 and tiny["average_ms"] > 0
         assert not client.hgetall(keys.FLEET)  # leaving the context stopped its workers
 
     asyncio.run(scenario())
