@@ -7,6 +7,7 @@ import asyncio
 import json
 import statistics
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,8 @@ async def _cold_starts(client: redis.Redis) -> list[Row]:
             for _ in range(1 if strategy is ColdStartStrategy.LAZY else 5):
                 if strategy is ColdStartStrategy.HYBRID:
                     # Something served, so the standby exists; small_cnn at zero, nowhere
-                    # loaded; the standby listening for commands, with no queue.
+                    # loaded; the standby listening for commands, with no queue, its own
+                    # preloads done (the steady state a request finds).
                     await autoscaler.predict("linear", [1.0] * 8)
                     await asyncio.to_thread(
                         wait_for,
@@ -70,7 +72,10 @@ async def _cold_starts(client: redis.Redis) -> list[Row]:
                                 for r in _reports(client)
                                 for m in r["models"]
                             )
-                            and any(not r["queues"] and r.get("ready") for r in _reports(client))
+                            and any(
+                                not r["queues"] and r.get("ready") and not r.get("loading")
+                                for r in _reports(client)
+                            )
                         ),
                     )
                 started = time.monotonic()
@@ -113,23 +118,24 @@ async def _cold_starts(client: redis.Redis) -> list[Row]:
 
 
 async def _burst(client: redis.Redis) -> list[Row]:
-    from scaler import Autoscaler, AutoscalerConfig, ColdStartStrategy, ZeroScalingConfig
+    from scaler import Autoscaler, AutoscalerConfig, ColdStartStrategy
     from tasks import predict
 
-    config = AutoscalerConfig(
-        tick_interval_s=0.5, max_workers=3, target_load_per_instance=32,
-        zero_scaling=ZeroScalingConfig(
-            scale_to_zero_delay=30.0,
-            cold_start_strategy=ColdStartStrategy.HYBRID,
-            preload_popular_models=False,
-        ),
-    )  # fmt: skip
+    config = AutoscalerConfig()  # the defaults: a 1 s tick, HYBRID, 32 requests an instance
+    assert config.zero_scaling.cold_start_strategy is ColdStartStrategy.HYBRID
     autoscaler = Autoscaler(config)
     await autoscaler.start()
     try:
         # small_cnn serves ~300 inputs/s here: a burst of 1000 builds a backlog for sure.
         await autoscaler.predict("small_cnn", np.zeros((3, 64, 64), np.float32))
-        await asyncio.to_thread(wait_for, lambda: len(_reports(client)) >= 2)  # the standby is up
+        # Steady state: the standby is up and holds small_cnn, not consuming its queue.
+        await asyncio.to_thread(
+            wait_for,
+            lambda: any(
+                not r["queues"] and any(m["name"] == "small_cnn" for m in r["models"])
+                for r in _reports(client)
+            ),
+        )
 
         def second_instance() -> bool:
             holders = [
@@ -141,23 +147,28 @@ async def _burst(client: redis.Redis) -> list[Row]:
             return len(holders) >= 2
 
         x = np.zeros((3, 64, 64), np.float32)
-        started = time.monotonic()
+        started = time.time()
         results = [predict.delay("small_cnn", x) for _ in range(1000)]
         await asyncio.to_thread(wait_for, second_instance)
-        reaction = time.monotonic() - started
         await asyncio.to_thread(lambda: [r.get(timeout=120) for r in results])
-        load = await asyncio.to_thread(_load_time, client, "small_cnn")
+        # When each worker first answered (the results' own metadata, not the reports,
+        # which lag up to a report interval): the second to answer is the new instance.
+        first: dict[str, float] = {}
+        for r in results:
+            meta = r._get_task_meta()
+            done = datetime.fromisoformat(meta["date_done"]).timestamp()
+            first[meta["worker"]] = min(first.get(meta["worker"], done), done)
+        reaction = sorted(first.values())[1] - started
     finally:
         await autoscaler.stop(stop_workers=True)
     client.flushall()
-    budget = config.tick_interval_s + load
     return [
         Row.of(
-            "burst of 1000: time until a second small_cnn instance serves",
+            "burst of 1000, default config: time until a second small_cnn instance serves",
             reaction * 1000,
             "ms",
-            budget * 1000,
-            "one tick plus the model's load time",
+            1000.0,
+            "the 1 s aim",
             higher_is_better=False,
         )
     ]

@@ -60,6 +60,9 @@ SCALER_STATUS = _NS + "scaler:status"
 SCALER_DECISIONS = _NS + "scaler:decisions"
 # Pub/sub channel: producers poke the scaler when they queue for a version nobody serves.
 SCALER_POKE = _NS + "scaler:poke"
+# A version whose queue a saturated worker left non-empty pokes the scaler at most once per
+# this key's life (one per version, a second each).
+SCALER_BACKLOG_PREFIX = _NS + "scaler:backlog:"
 # Set: "name/version" of every version with at least one instance (read by producers).
 SERVED = _NS + "served"
 # Hash: "name/version" -> JSON manual override ({"instances": n} | {"load": true} |
@@ -80,6 +83,9 @@ def model_key_text(name: str, version: str) -> str:
 # expire after METRICS_SECOND_RETENTION_S / METRICS_MINUTE_RETENTION_S.
 METRICS_SECOND = _NS + "metrics:s:{t}"
 METRICS_MINUTE = _NS + "metrics:m:{t}"
+# Hash per minute, "<version>|<field>" -> number, of the few counters the forecasts read
+# (FORECAST_FIELDS): a day of them is read in milliseconds, not by summing every field.
+METRICS_FORECAST = _NS + "metrics:f:{t}"
 # Hash: the same fields summed since the start (Prometheus counters); bounded by the
 # registered model versions and the workers.
 METRICS_TOTAL = _NS + "metrics:total"
@@ -97,6 +103,10 @@ def metrics_second_key(t: int) -> str:
 
 def metrics_minute_key(t: int) -> str:
     return METRICS_MINUTE.format(t=t)
+
+
+def metrics_forecast_key(t: int) -> str:
+    return METRICS_FORECAST.format(t=t)
 
 
 def text(value: bytes | str) -> str:

@@ -118,6 +118,8 @@ class Item:
     expires_at: float | None = None
     # Published while no instance served its version (the producer's mark).
     cold_start: bool = False
+    # Celery's priority on Redis: 0 (the default) first, 9 last, here as in the queues.
+    priority: int = 0
 
     @property
     def n_rows(self) -> int:
@@ -219,7 +221,13 @@ class Batcher:
         # Looking the model up here starts its load as soon as the first request arrives.
         item.cold = self.cache.status(item.key).state is not ModelState.READY
         with self._cond:
-            self._queues.setdefault(item.key, deque()).append(item)
+            waiting = self._queues.setdefault(item.key, deque())
+            if waiting and item.priority < waiting[-1].priority:
+                # Held behind less urgent ones (fetched earlier): it goes before them.
+                at = next(i for i, w in enumerate(waiting) if w.priority > item.priority)
+                waiting.insert(at, item)
+            else:
+                waiting.append(item)
             self._cond.notify()
 
     def finish_now(self, outcomes: list[Outcome]) -> None:
@@ -348,7 +356,7 @@ class Batcher:
         wait_s: float | None = None
         ready_keys = sorted(
             (key for key, items in self._queues.items() if items),
-            key=lambda k: self._queues[k][0].received,
+            key=lambda k: (self._queues[k][0].priority, self._queues[k][0].received),
         )
         for key in ready_keys:
             waiting = self._queues[key]
@@ -368,7 +376,8 @@ class Batcher:
             if delay_ms is None:
                 delay_ms = self.default_max_batch_delay_ms
             rows = sum(i.n_rows for i in waiting)
-            age = now - waiting[0].received
+            # The oldest waits no longer than the delay, wherever its priority put it.
+            age = now - min(i.received for i in waiting) if rows < max_rows else 0.0
             if rows < max_rows and age * 1000 < delay_ms and not self._stopping:
                 remaining = delay_ms / 1000 - age
                 wait_s = remaining if wait_s is None else min(wait_s, remaining)

@@ -124,9 +124,10 @@ class ModelServer:
         queued_s: float = 0.0,
         expires_at: float | None = None,
         cold_start: bool = False,
+        priority: int = 0,
     ) -> None:
         item = Item(
             key, inputs, single, ticket, queued_s=queued_s, expires_at=expires_at,
-            cold_start=cold_start,
+            cold_start=cold_start, priority=priority,
         )  # fmt: skip
         self.batcher.submit(item)

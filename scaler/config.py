@@ -158,4 +158,9 @@ class AutoscalerConfig(_Config):
         from monitoring.alerts import check_thresholds
 
         check_thresholds(self.alert_thresholds)
+        if self.zero_scaling.enable_predictive_scaling and not self.enable_metrics:
+            raise ValueError(
+                "enable_predictive_scaling needs enable_metrics (the forecasts read the "
+                "metrics history); set zero_scaling.enable_predictive_scaling=false"
+            )
         return self

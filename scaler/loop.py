@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 # A remote-control command a worker has not acted on is sent again after this long.
 RESEND_S = 3.0
+_OPPOSITE = {"add": "cancel", "cancel": "add", "preload": "unload", "unload": "preload"}
 # Forecasts are made from the minute history, again once a minute.
 FORECAST_REFRESH_S = 60.0
 
@@ -112,6 +113,7 @@ class ScalerLoop:
         self._sent: dict[tuple[str, str, str], float] = {}
         self._forecasts: dict[ModelKey, Forecast] = {}
         self._forecast_at = -math.inf
+        self._forecasting: threading.Thread | None = None
         self.last: TickResult | None = None
         settings = metrics_settings()
         # The forecasts read the learning window and the hour before it (their level).
@@ -218,39 +220,47 @@ class ScalerLoop:
         return result
 
     def _forecast(self, now: float) -> dict[ModelKey, Forecast]:
-        """Each version's predicted request rate over the horizon, from its minute history
-        over the learning window (read once a minute; the policy acts on it every tick)."""
+        """Each version's predicted request rate over the horizon: the latest made. They
+        are made once a minute in a thread of their own (reading a day of history takes a
+        few hundred ms), so that no tick waits for them."""
         zero = self.config.zero_scaling
         if not (zero.enable_predictive_scaling and self.config.enable_metrics):
             return {}
-        if now - self._forecast_at < FORECAST_REFRESH_S:
-            return self._forecasts
-        self._forecast_at = now
+        busy = self._forecasting is not None and self._forecasting.is_alive()
+        if now - self._forecast_at >= FORECAST_REFRESH_S and not busy:
+            self._forecast_at = now
+            self._forecasting = threading.Thread(
+                target=self._make_forecasts, args=(now,), name="forecasts", daemon=True
+            )
+            self._forecasting.start()
+        return self._forecasts
+
+    def _make_forecasts(self, now: float) -> None:
+        zero = self.config.zero_scaling
         kept = self.history.settings.minute_retention_s
         window = int(min(zero.learning_window_hours * 3600 + LEVEL_S, kept))
         horizon = zero.prediction_horizon_minutes * 60
         try:
-            start, counts = self.history.minute_counts("req", window, now=now)
-            averages = self.history.window(window, now=now)["models"]
+            start, inputs = self.history.forecast_inputs(window, now=now)
         except Exception as exc:  # forecasts never stop scaling: keep the last ones
             logger.warning("scaler forecasts failed: %s", exc)
-            return self._forecasts
+            return
         forecasts = {}
-        for label, history in counts.items():
+        for label, fields in inputs.items():
+            history = fields["req"]
             rates = forecast_rates(history, 60, horizon)
             if not rates.any():
                 continue
-            stats = averages.get(label, {})
-            cold_ms = stats.get("average_cold_start_ms") or stats.get("average_load_time_ms") or 0
+            requests, cold = sum(history), sum(fields["cold_req"])
             forecasts[ModelKey.parse(label)] = Forecast(
                 start=start + len(history) * 60,
                 step_s=60,
                 rates=tuple(float(r) for r in rates),
-                cold_start_s=cold_ms / 1000,
-                service_s=(stats.get("average_response_time_ms") or 0) / 1000,
+                # Lead time: the cold start callers saw (publish to answer), on average.
+                cold_start_s=sum(fields["cold_req_ms"]) / cold / 1000 if cold else 0.0,
+                service_s=sum(fields["lat_sum"]) / requests / 1000 if requests else 0.0,
             )
         self._forecasts = forecasts
-        return forecasts
 
     def _publish_registry(self) -> None:
         if self.registry is not None and self.registry.due():
@@ -265,6 +275,11 @@ class ScalerLoop:
         if len(self._sent) > 10_000:  # forget old sends of workers and models long gone
             self._sent = {k: t for k, t in self._sent.items() if now - t < RESEND_S}
         self._sent[key] = now
+        # A command undoes its opposite: an add after a cancel of the same queue (a standby
+        # taking back a version it served a moment ago) goes out now, not 3 s later.
+        opposite = _OPPOSITE.get(command)
+        if opposite is not None:
+            self._sent.pop((worker, opposite, arg), None)
         return True
 
     def _as_commanded(self, view: FleetView, now: float) -> Snapshot:
@@ -314,7 +329,8 @@ class ScalerLoop:
                 for field in ("models", "loading")
                 for m in report.get(field, [])
             }
-            for key in sorted(wanted_keys):
+            kept = plan.preload.get(name, frozenset())
+            for key in sorted(wanted_keys | kept):
                 if (key.name, key.version) not in held and self._due(
                     name, "preload", str(key), now
                 ):
@@ -322,11 +338,15 @@ class ScalerLoop:
             for queue in sorted(consumed - wanted):
                 if self._due(name, "cancel", queue, now):
                     self.app.control.cancel_consumer(queue, destination=[name], reply=False)
+            if wanted - consumed or report.get("loading"):
+                # Taking on a version: an unload's memory release (a full collection) would
+                # stall that cold start. What it no longer needs goes once it serves.
+                continue
             busy = set(report.get("busy", {}))
             for model in report.get("models", []):
                 key = ModelKey(model["name"], model["version"])
                 text = keys.model_key_text(*key)
-                if key in wanted_keys or keys.queue_name(*key) in consumed or text in busy:
+                if key in wanted_keys | kept or keys.queue_name(*key) in consumed or text in busy:
                     continue
                 if self._due(name, "unload", text, now):
                     self._control("unload_model", name, model=key.name, version=key.version)

@@ -141,7 +141,10 @@ class Forecast:
 
 @dataclass
 class VersionState:
-    last_active: float
+    last_active: float  # a request waiting, running or answered since the tick before
+    # A request waiting or running (not only answered: answers are reported late, and one
+    # from before an unload must not undo it).
+    last_request: float = -math.inf
     recommendations: deque[tuple[float, int]] = field(default_factory=deque)
     # The target of the last tick: a change is announced once, not on every tick that the
     # fleet takes to converge.
@@ -188,6 +191,8 @@ class Plan:
     recycle: list[str] = field(default_factory=list)
     reap: list[str] = field(default_factory=list)
     popularity: tuple[dict[ModelKey, float], float] | None = None
+    # Versions the warm standby keeps loaded without consuming their queues.
+    preload: dict[str, frozenset[ModelKey]] = field(default_factory=dict)
 
 
 def decide(
@@ -344,7 +349,7 @@ def _recommend(
     override = snapshot.overrides.get(key, {})
     load = snapshot.load(key)
     if load > 0:
-        vstate = replace(vstate, last_active=now)
+        vstate = replace(vstate, last_active=now, last_request=now)
     low, high = _bound(key, snapshot, config)
     target_load = float(override.get("target_load_per_instance", config.target_load_per_instance))
     delay = float(override.get("scale_to_zero_delay", zero.scale_to_zero_delay))
@@ -356,7 +361,7 @@ def _recommend(
 
     if key in snapshot.pins:
         return min(snapshot.pins[key], config.max_workers), "pinned by hand", True, vstate
-    if unloaded_at is not None and unloaded_at >= vstate.last_active:
+    if unloaded_at is not None and unloaded_at >= vstate.last_request:
         return 0, "unloaded by hand", True, vstate
 
     if load > 0:
@@ -533,18 +538,28 @@ def _place(
         for name, w in sorted(workers.items())
         if w.managed and not assign[name] and w.total_busy == 0 and not w.starting
     ]
+    preload: dict[str, frozenset[ModelKey]] = {}
     if config.zero_scaling.cold_start_strategy is ColdStartStrategy.HYBRID and any(
         desired.values()
     ):
-        # Keep one empty managed worker as the warm standby while anything is served.
+        # One empty managed worker is the warm standby while anything is served. A new one
+        # starts only once the instances carry their load: started during a burst, it
+        # would take CPU from the instances serving it.
+        standby = None
         if stop:
-            stop = stop[1:]
-        elif (
-            not any(not keys for n, keys in assign.items())
-            and len(workers) + new_workers < config.max_workers
-        ):
-            assign[f"{NEW_WORKER_PREFIX}{new_workers}"] = set()
-            new_workers += 1
+            standby, stop = stop[0], stop[1:]
+        elif not any(not keys for keys in assign.values()):
+            if len(workers) + new_workers < config.max_workers and _absorbed(
+                snapshot, config, desired
+            ):
+                assign[f"{NEW_WORKER_PREFIX}{new_workers}"] = set()
+                new_workers += 1
+        else:
+            standby = next((n for n, k in sorted(assign.items()) if not k and n in workers), None)
+        if standby is not None and not workers[standby].starting:
+            # It holds the versions that may need another instance: a scale-up is then
+            # a queue to consume, not a model to load.
+            preload[standby] = _standby_models(snapshot, config, desired, standby)
     for key, missing in unplaced.items():
         decisions.append(
             Decision(
@@ -561,7 +576,42 @@ def _place(
         stop_workers=stop,
         decisions=decisions,
         unplaced=unplaced,
+        preload=preload,
     )
+
+
+def _target_load(key: ModelKey, snapshot: Snapshot, config: AutoscalerConfig) -> float:
+    override = snapshot.overrides.get(key, {})
+    return float(override.get("target_load_per_instance", config.target_load_per_instance))
+
+
+def _absorbed(snapshot: Snapshot, config: AutoscalerConfig, desired: dict[ModelKey, int]) -> bool:
+    """Every served version's instances carry its requests (none waits for more)."""
+    return all(
+        snapshot.load(k) <= _target_load(k, snapshot, config) * snapshot.current(k)
+        for k, n in desired.items()
+        if n > 0
+    )
+
+
+def _standby_models(
+    snapshot: Snapshot,
+    config: AutoscalerConfig,
+    desired: dict[ModelKey, int],
+    standby: str,
+) -> frozenset[ModelKey]:
+    """The served versions below their maximum, busiest first, as many as fit."""
+    held: set[ModelKey] = set()
+    candidates = [k for k, n in desired.items() if 0 < n < _bound(k, snapshot, config)[1]]
+    candidates.sort(key=lambda k: (-snapshot.load(k), -snapshot.popularity.get(k, 0.0), k))
+    worker = snapshot.workers[standby]
+    room = worker.capacity_bytes
+    for key in candidates[: worker.max_models]:
+        size = snapshot.models.get(key, 0)
+        if size <= room:
+            held.add(key)
+            room -= size
+    return frozenset(held)
 
 
 def _watch_cold_starts(

@@ -699,14 +699,18 @@ def not_answered(task_id: str, timeout: float | None, *, lost: bool) -> CeleryTi
 
 # KEYS: held hash, leases, held counts, lists..., wake lists...
 # ARGV: room, lease seconds, consumer, tag prefix, number of lists, then per list: the list
-# to give its messages back to, their version label, the index of its wake list (1-based).
-# Returns tag, list index, message for every message taken.
+# to give its messages back to, their version label, the index of its wake list (1-based);
+# then the scaler's poke channel and backlog key prefix.
+# Returns tag, list index, message for every message taken. A consumer that filled its room
+# and left messages behind pokes the scaler about their versions (at most once a second
+# each): a burst is seen within milliseconds, not at the next tick.
 _FETCH = """
 local room = tonumber(ARGV[1])
 local nlists = tonumber(ARGV[5])
 local out = {}
 local counts = {}
 local waiting = {}
+local backlog = {}
 local seq = 0
 for i = 1, nlists do
   local key = KEYS[3 + i]
@@ -727,9 +731,20 @@ for i = 1, nlists do
       counts[label] = (counts[label] or 0) + #items
     end
   end
-  if redis.call('LLEN', key) > 0 then waiting[tonumber(ARGV[base + 3])] = true end
+  if redis.call('LLEN', key) > 0 then
+    waiting[tonumber(ARGV[base + 3])] = true
+    backlog[ARGV[base + 2]] = true
+  end
 end
 for label, n in pairs(counts) do redis.call('HINCRBY', KEYS[3], label, n) end
+if room == 0 then
+  local poke = 6 + nlists * 3
+  for label in pairs(backlog) do
+    if redis.call('SET', ARGV[poke + 1] .. label, '1', 'NX', 'PX', 1000) then
+      redis.call('PUBLISH', ARGV[poke], label)
+    end
+  end
+end
 if seq > 0 then
   local t = redis.call('TIME')
   redis.call('ZADD', KEYS[2], tonumber(t[1]) + tonumber(ARGV[2]), ARGV[3])
@@ -986,6 +1001,7 @@ class ConsumerState:
                 source.label,
                 wake_index[source.queue],
             ]
+        args += [keys.SCALER_POKE, keys.SCALER_BACKLOG_PREFIX]
         self._lists, self._args, self._wait = lists, args, tuple(wakes)
         self._keys = [self.held_key, keys.LEASES, keys.HELD_COUNTS, *(n for n, _ in lists), *wakes]
         self.sources = sources

@@ -302,7 +302,7 @@ class Receiver:
         expires_at = message.expires.timestamp() if message.expires is not None else None
         self.server.submit(
             key, inputs, single=single, ticket=delivery, queued_s=queued_s, expires_at=expires_at,
-            cold_start=message.cold_start,
+            cold_start=message.cold_start, priority=message.priority,
         )  # fmt: skip
         return False
 

@@ -182,7 +182,8 @@ class WorkerLoop:
             room = self.prefetch - self._held + len(answering)
         try:
             self._maintain()
-            self._sources()
+            if not self._sources():
+                self._drained = True  # nothing to fetch from: wait, do not spin (a standby)
             commands = self.completer.commands(answering)
             # Nothing to run or answer, and the last fetch found every queue empty: wait
             # for a wake token. The fetch goes in the same write, behind the wait: Redis

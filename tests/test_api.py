@@ -421,3 +421,39 @@ def test_a_restarted_redis_costs_a_retry_not_a_timeout(stack: Stack, redis_serve
 
     # The worker republishes the registry and reconnects; the API's subscription too.
     wait_for(answered, timeout_s=60, what="answers after the restart")
+
+
+def test_priority_is_served_as_documented_over_both_paths(stack: Stack) -> None:
+    """0 (the default) is served first and 9 last, whether the request came through
+    ``predict.delay`` or ``POST /predict``, queued or already held by the worker."""
+    import threading
+
+    from tasks import predict
+
+    log = stack.repo.parent / "slow.log"
+    start = len(log.read_text().splitlines()) if log.exists() else 0
+    busy = [predict.delay("slow", [100.0] * 4) for _ in range(4)]  # one batch: 3 s
+    wait_for(
+        lambda: (
+            (log.exists() and len(log.read_text().splitlines()) > start)
+            or (stack.worker.report(stack.redis) or {}).get("busy", {}).get("slow/v1")
+        ),
+        what="the worker busy with the first batch",
+    )
+    low = [predict.apply_async(("slow", [9.0] * 4), priority=9) for _ in range(4)]
+    answers: list[httpx.Response] = []
+
+    def over_http() -> None:
+        body = {"model": "slow", "inputs": [1.0] * 4, "priority": 0, "timeout": 60.0}
+        answers.append(stack.http.post("/predict", json=body, timeout=90))
+
+    thread = threading.Thread(target=over_http)
+    thread.start()
+    urgent = [predict.delay("slow", [float(v)] * 4) for v in (2, 3, 4)]
+    for result in busy + urgent + low:
+        result.get(timeout=60)
+    thread.join(90)
+    assert answers and answers[0].status_code == 200, answers
+    values = [int(line.split()[0]) for line in log.read_text().splitlines()[start:]]
+    ours = [v for v in values if v in (1, 2, 3, 4, 9)]
+    assert sorted(ours[:4]) == [1, 2, 3, 4] and ours[4:] == [9] * 4, values

@@ -253,6 +253,12 @@ def test_requests_that_arrived_at_zero_instances_are_the_cold_start(client: redi
     assert stats["requests"] == 10 and stats["cold_start_requests"] == 2
     assert stats["average_cold_start_ms"] == pytest.approx(3000.0)
     assert ("cold_start_time_ms", "tiny_mlp/v1", 3000.0) in readings(window, {}, min_samples=10)
+    # The forecasts' inputs: the same counters per whole minute, from their compact hash.
+    start, inputs = MetricsHistory(client, SETTINGS).forecast_inputs(600, now=NOW + 60)
+    assert start == (NOW // 60 - 9) * 60
+    tiny_inputs = inputs["tiny_mlp/v1"]
+    assert tiny_inputs["req"][-1] == 10 and sum(tiny_inputs["req"]) == 10
+    assert tiny_inputs["cold_req"][-1] == 2 and tiny_inputs["cold_req_ms"][-1] == 6000.0
 
 
 def test_alert_fires_once_repeats_after_cooldown_and_resolves(client: redis.Redis) -> None:

@@ -165,3 +165,18 @@ def test_calling_the_task_directly_runs_in_this_process(example_repo: Path) -> N
     assert predict_batch("linear", np.ones((2, 8), np.float32), version="v2").shape == (2, 4)
     with pytest.raises(Schema, match=r"float32\[8\]"):
         predict("linear", [1.0] * 3)
+
+
+def test_held_requests_run_in_priority_order(batcher: Any) -> None:
+    """Requests a worker already holds (fetched while the model loads) run 0 first, 9 last,
+    the order of the queues: a later urgent one is not stuck behind held batch work."""
+    b, done = batcher
+    key = ModelKey("picky", "v1")  # max_batch_size 8
+    for i in range(16):
+        b.submit(Item(key=key, inputs=[1.0, 0.0, 0.0, 0.0], single=True, ticket=f"low{i}",
+                      priority=9))  # fmt: skip
+    b.submit(Item(key=key, inputs=[2.0, 0.0, 0.0, 0.0], single=True, ticket="urgent"))
+    outcomes = gather(done, 17)
+    first = min(o.started for o in outcomes.values())
+    assert outcomes["urgent"].started == first  # in the first batch, though submitted last
+    assert sum(1 for o in outcomes.values() if o.started == first) == 8

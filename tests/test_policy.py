@@ -59,7 +59,8 @@ class Fleet:
                 base = WorkerInfo(name, managed=True)
             else:
                 base = self.workers[name]
-            workers[name] = replace(base, serving=keys, loaded=base.loaded | keys, busy=())
+            loaded = base.loaded | keys | plan.preload.get(name, frozenset())
+            workers[name] = replace(base, serving=keys, loaded=loaded, busy=())
         self.workers = workers
         return plan
 
@@ -166,13 +167,34 @@ def test_popular_models_stay_loaded_with_eager_preloading() -> None:
 def test_hybrid_keeps_one_warm_standby_while_serving() -> None:
     fleet = Fleet(config(zero={"cold_start_strategy": ColdStartStrategy.HYBRID}))
     fleet.tick(0.0, {A: 1})
-    assert len(fleet.workers) == 2
+    assert len(fleet.workers) == 1  # the cold start first: no standby competing with it
+    fleet.tick(0.5)  # A's instance carries its load: the standby starts
     assert sorted(len(w.serving) for w in fleet.workers.values()) == [0, 1]
-    fleet.tick(1.0, {A: 1, B: 1})  # the standby takes B; a new standby is started
-    assert fleet.instances(B) == 1
+    plan = fleet.tick(1.0)
+    (standby,) = [n for n, w in fleet.workers.items() if not w.serving]
+    assert plan.preload == {standby: {A}}  # it holds A without consuming A's queue
+    fleet.tick(1.5, {A: 1, B: 1})  # the standby takes B
+    assert fleet.instances(B) == 1 and fleet.workers[standby].serving == {B}
+    fleet.tick(2.0)  # absorbed: a new standby is started
     assert sorted(len(w.serving) for w in fleet.workers.values()) == [0, 1, 1]
     fleet.tick(200.0)
     assert fleet.workers == {}  # nothing to serve: no standby either
+
+
+def test_a_burst_goes_to_the_standby_that_holds_the_model_and_no_standby_starts_in_it() -> None:
+    fleet = Fleet(config(zero={"cold_start_strategy": ColdStartStrategy.HYBRID}, max_workers=4))
+    fleet.tick(0.0, {A: 1})
+    fleet.tick(0.5)
+    fleet.tick(1.0)  # the standby preloads A
+    (standby,) = [n for n, w in fleet.workers.items() if not w.serving]
+    assert A in fleet.workers[standby].loaded
+    plan = fleet.tick(2.0, {A: 35})  # the most instances, three, wanted (10 requests each)
+    assert A in plan.assignments[standby]  # the holder of A first: no load on the way
+    assert plan.start_workers == 1  # the third instance; no new standby during the burst
+    fleet.tick(2.5, {A: 35})  # more than the three carry: still no standby
+    assert all(w.serving for w in fleet.workers.values())
+    fleet.tick(3.0, {A: 5})  # absorbed by the three: a standby again
+    assert sum(1 for w in fleet.workers.values() if not w.serving) == 1
 
 
 def test_instances_are_taken_from_idle_workers_first() -> None:
@@ -381,3 +403,7 @@ def test_predictive_scaling_needs_a_day_of_learning() -> None:
     with pytest.raises(ConfigError, match="learning_window_hours=6 is below the 24 hours"):
         ZeroScalingConfig(learning_window_hours=6)
     assert ZeroScalingConfig(learning_window_hours=6, enable_predictive_scaling=False)
+    with pytest.raises(ConfigError, match="enable_predictive_scaling needs enable_metrics"):
+        AutoscalerConfig(enable_metrics=False)
+    quiet = ZeroScalingConfig(enable_predictive_scaling=False)
+    assert not AutoscalerConfig(enable_metrics=False, zero_scaling=quiet).enable_metrics

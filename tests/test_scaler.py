@@ -139,8 +139,8 @@ def test_a_forecast_loads_a_version_before_its_traffic_and_names_it(
     for minute in range(now // 60 - 25 * 60, now // 60):
         since_yesterday = minute - (now // 60 - 24 * 60)
         if 5 <= since_yesterday < 35:  # 30 requests a minute, then, yesterday
-            bucket = keys.metrics_minute_key(minute)
-            pipe.hincrbyfloat(bucket, "m|linear/v1|req", 30)
+            bucket = keys.metrics_forecast_key(minute)
+            pipe.hincrbyfloat(bucket, "linear/v1|req", 30)
             pipe.expire(bucket, 7200)
     pipe.execute()
     scaler()

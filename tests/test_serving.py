@@ -464,3 +464,29 @@ def test_an_undecodable_message_fails_its_caller_at_once(worker: WorkerProcess) 
     from tasks import predict
 
     assert len(predict.delay("linear", [1.0] * 8).get(timeout=30)) == 4
+
+
+def test_a_worker_with_no_queue_waits_instead_of_spinning(
+    start_worker: Any, client: redis.Redis
+) -> None:
+    """A warm standby consumes nothing: its serving loop sleeps on Redis. (It once spun,
+    and a model it preloaded took 24 s instead of 1 for want of the GIL.)"""
+    import os
+
+    worker = start_worker("standby", queues=[])
+    ticks = os.sysconf("SC_CLK_TCK")
+
+    def cpu_s() -> float:
+        fields = Path(f"/proc/{worker.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+
+    def report_time() -> float:
+        raw = client.get(keys.worker_report_key(worker.hostname))
+        return float(json.loads(raw)["time"]) if raw else 0.0
+
+    first = wait_for(report_time, what="a report")
+    cpu_before = cpu_s()
+    # Three more seconds by the worker's own reports (once a second), not a sleep here.
+    later = wait_for(lambda: (t := report_time()) >= first + 3 and t, what="three seconds")
+    used = cpu_s() - cpu_before
+    assert used < 0.5 * (later - first), f"{used:.2f} s of CPU in {later - first:.1f} s idle"
