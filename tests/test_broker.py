@@ -149,6 +149,26 @@ def test_given_back_messages_go_to_the_head_in_order(client: redis.Redis) -> Non
     assert client.hgetall(keys.HELD_COUNTS) == {LABEL.encode(): b"4"}
 
 
+def test_a_fetch_that_fills_its_room_and_leaves_messages_pokes_the_scaler(
+    client: redis.Redis,
+) -> None:
+    """A burst is seen by the first saturated fetch, not at the scaler's next tick: once a
+    second per version, and never by a fetch that took everything."""
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(keys.SCALER_POKE)
+    state = consumer()
+    for i in range(5):
+        broker.run(client, broker.publish_commands(QUEUE, 0, f"m{i}".encode()))
+    assert len(broker.fetch(execute(client), state, 2, 30)) == 2  # room filled, 3 left
+    poke = wait_for(lambda: pubsub.get_message(timeout=0.1), what="the poke")
+    assert poke["data"] == LABEL.encode()
+    assert len(broker.fetch(execute(client), state, 2, 30)) == 2  # within the second: quiet
+    client.delete(keys.SCALER_BACKLOG_PREFIX + LABEL)  # as if the second had passed
+    assert len(broker.fetch(execute(client), state, 5, 30)) == 1  # took the rest: quiet
+    assert pubsub.get_message(timeout=0.2) is None
+    pubsub.close()
+
+
 def test_an_expired_lease_gives_the_messages_back(client: redis.Redis) -> None:
     dead, alive = consumer("dead@contract"), consumer("alive@contract")
     for i in range(3):
