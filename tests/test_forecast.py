@@ -174,3 +174,13 @@ def replace_now(snapshot: Snapshot, now: float) -> Snapshot:
     from dataclasses import replace
 
     return replace(snapshot, now=now)
+
+
+def test_the_policy_and_forecasts_import_without_torch() -> None:
+    """A pure function of a snapshot: no model code comes with it."""
+    import subprocess
+    import sys
+
+    code = "import sys, scaler.policy, scaler.forecast; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
