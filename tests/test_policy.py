@@ -407,3 +407,49 @@ def test_predictive_scaling_needs_a_day_of_learning() -> None:
         AutoscalerConfig(enable_metrics=False)
     quiet = ZeroScalingConfig(enable_predictive_scaling=False)
     assert not AutoscalerConfig(enable_metrics=False, zero_scaling=quiet).enable_metrics
+
+
+@pytest.mark.parametrize(
+    ("overrides", "at_500", "at_2000"),
+    [
+        ({}, 0, 0),  # zero: gone after scale_to_zero_delay (60 s)
+        ({"zero": {"mode": "min"}}, 1, 0),  # min: kept, until model_ttl_seconds (1800 s)
+        ({"enable_zero_scaling": False}, 1, 0),
+        ({"zero": {"enabled": False}}, 1, 0),
+        ({"zero": {"mode": "fixed"}}, 1, 1),  # fixed: only scale_model changes it
+    ],
+)
+def test_modes_and_model_ttl(overrides: dict[str, Any], at_500: int, at_2000: int) -> None:
+    fleet = Fleet(config(**overrides))
+    fleet.tick(0.0, {A: 5})
+    fleet.tick(1.0, {A: 5})
+    fleet.tick(500.0)
+    assert fleet.instances(A) == at_500
+    fleet.tick(2000.0)
+    assert fleet.instances(A) == at_2000
+
+
+def test_the_workers_a_scaler_starts_get_its_loader_settings() -> None:
+    from scaler.beat import worker_env
+
+    env = worker_env(
+        config(
+            zero={"max_loaded_models": 2, "warmup_timeout": 20},
+            loading={
+                "cache_size_gb": 1.5, "load_timeout_seconds": 99, "warmup_timeout_seconds": 40,
+                "concurrent_loads": 3, "failure_cooldown_seconds": 7,
+                "health_check_interval_seconds": 4, "max_consecutive_failures": 5,
+            },
+        )
+    )  # fmt: skip
+    assert env == {
+        "WORKER_MAX_LOADED_MODELS": "2",
+        "WORKER_CACHE_SIZE_GB": "1.5",
+        "WORKER_LOAD_TIMEOUT_SECONDS": "99.0",
+        "WORKER_WARMUP_TIMEOUT_SECONDS": "20.0",  # the smaller of the two warm-up limits
+        "WORKER_CONCURRENT_LOADS": "3",
+        "WORKER_FAILURE_COOLDOWN_SECONDS": "7.0",
+        "WORKER_HEALTH_CHECK_INTERVAL_S": "4.0",
+        "WORKER_HEALTH_MAX_FAILURES": "5",
+        "WORKER_HEALTH_COOLDOWN_S": "7.0",
+    }
