@@ -20,7 +20,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from common import keys
 from monitoring.resources import gpu_count
@@ -38,6 +38,10 @@ class Backend(Protocol):
     def stop(self, record: FleetRecord) -> None: ...
 
     def alive(self, record: FleetRecord) -> bool: ...
+
+
+# The names of the workers a local backend starts.
+WORKER_PREFIX = "scaled-"
 
 
 class StaticBackend:
@@ -117,7 +121,7 @@ class LocalBackend:
             if gpu is None:
                 logger.warning("every GPU of %s has its worker: not starting another", self.host)
                 return None
-        hostname = f"scaled-{uuid.uuid4().hex[:8]}@{self.host}"
+        hostname = f"{WORKER_PREFIX}{uuid.uuid4().hex[:8]}@{self.host}"
         # A worker with no model yet consumes only a queue of its own: it is the standby.
         own = f"worker.{hostname.split('@')[0]}"
         command = [
@@ -182,6 +186,28 @@ class LocalBackend:
         if record.pid in exited:
             return False
         return _pid_alive(record.pid, record.hostname)
+
+    def adopt(self, hostname: str, report: dict[str, Any]) -> FleetRecord | None:
+        """The record of a reporting worker this backend starts (its name, this host, its
+        process alive under that name) that has none, written again."""
+        pid = report.get("pid")
+        if (
+            not hostname.startswith(WORKER_PREFIX)
+            or report.get("host") != self.host
+            or not isinstance(pid, int)
+            or not _pid_alive(pid, hostname)
+        ):
+            return None
+        record = FleetRecord(
+            hostname=hostname,
+            pid=pid,
+            host=self.host,
+            started_at=float(report.get("time", time.time())),
+            queues=[q for q in report.get("queues", []) if q.startswith(keys.QUEUE_PREFIX)],
+            seen=True,
+        )
+        self.store.fleet_add(record)
+        return record
 
     def _reap(self) -> set[int]:
         """Collect every child that exited (a worker killed from outside too, whose record

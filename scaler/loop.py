@@ -410,7 +410,9 @@ class ScalerLoop:
         pipe.execute()
 
     def _forget_exited(self, view: FleetView) -> None:
-        """Forget fleet records of exited processes; mark those seen reporting."""
+        """Forget fleet records of exited processes; mark those seen reporting; adopt a
+        worker this backend started whose record is gone (a Redis that restarted without
+        persistence): else nothing would ever stop it."""
         for name, record in list(view.fleet.items()):
             if name in view.reports and not record.seen:
                 record.seen = True
@@ -421,8 +423,18 @@ class ScalerLoop:
                 view.snapshot.workers.pop(name, None)
                 view.snapshot.silent.pop(name, None)
                 logger.info("worker %s has exited", name)
+        adopt = getattr(self.backend, "adopt", None)
+        for name, report in view.reports.items():
+            if name in view.fleet or adopt is None:
+                continue
+            record = adopt(name, report)
+            if record is not None:
+                logger.warning("worker %s was started here and had no record: adopted", name)
+                view.fleet[name] = record
+                worker = view.snapshot.workers.get(name)
+                if worker is not None:
+                    view.snapshot.workers[name] = dataclasses.replace(worker, managed=True)
 
-    # -- bookkeeping ------------------------------------------------------------------------
     def _record_metrics(self, view: FleetView, plan: Plan, now: float, tick_ms: float) -> None:
         snapshot = view.snapshot
         fleet = {"active": 0.0, "loading": 0.0, "total": 0.0, "tick_ms": tick_ms}

@@ -4,6 +4,7 @@ leader, restarts that adopt the fleet, and scale-down that loses nothing."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -190,6 +191,24 @@ def test_a_killed_scaler_is_restarted_and_adopts_its_workers(
         time.sleep(0.25)
         assert fleet_pids(client) == before
     assert len(predict.delay("linear", [1.0] * 8).get(timeout=30)) == 4
+
+
+def test_a_worker_whose_record_was_lost_is_adopted_and_still_scaled_to_zero(
+    scaler: Any, client: redis.Redis
+) -> None:
+    """A Redis that restarted without persistence forgets the fleet: the workers this host's
+    backend started are recognised by their reports and adopted, not left running."""
+    from tasks import predict
+
+    scaler()
+    assert len(predict.delay("linear", [1.0] * 8).get(timeout=60)) == 4
+    before = fleet_pids(client)
+    assert len(before) == 1
+    client.delete(keys.FLEET)
+    wait_for(lambda: fleet_pids(client) == before, what="the worker adopted")
+    wait_for(lambda: not fleet_pids(client), timeout_s=60, what="the fleet back at zero")
+    (pid,) = before.values()
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), what="the adopted worker's exit")
 
 
 def test_a_stopped_scaler_drains_the_workers_it_started(scaler: Any, client: redis.Redis) -> None:
