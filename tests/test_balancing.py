@@ -112,15 +112,18 @@ def fleet(
         env={**env, "WORKER_MODELS": "rec:v1", "RECORDER_EXTRA_DELAY_S": "0.01"},
         log_dir=root,
     )
-    beat = BeatProcess(
-        "beat",
-        env={**env, "SCALER_BACKEND": "static", "SCALER_TICK_INTERVAL_S": "0.25"},
-        log_dir=root,
-    )
     workers = {"fast": fast, "slow": slow}
+    beat = None
     try:
+        # Both report before the scaler's first plan: a plan made while only "slow" had
+        # reported puts the pinned linear versions there, and keeps them there.
         for worker in workers.values():
             worker.wait_ready(client)
+        beat = BeatProcess(
+            "beat",
+            env={**env, "SCALER_BACKEND": "static", "SCALER_TICK_INTERVAL_S": "0.25"},
+            log_dir=root,
+        )
 
         def both_members() -> bool:
             raw = client.hget(keys.INSTANCES, "rec/v1")
@@ -129,7 +132,8 @@ def fleet(
         wait_for(both_members, timeout_s=60, what="two healthy rec/v1 instances")
         yield Fleet(client, log, workers)
     finally:
-        beat.stop()
+        if beat is not None:
+            beat.stop()
         for worker in workers.values():
             worker.stop(timeout_s=15)
 
