@@ -285,7 +285,6 @@ def run(days: int = 7) -> list[Row]:
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
     return [
         Row.of(
             f"predictive: cold starts over {days} days",
@@ -316,3 +315,4 @@ def run(days: int = 7) -> list[Row]:
 
 if __name__ == "__main__":
     run(int(sys.argv[1]) if len(sys.argv) > 1 else (2 if QUICK else 7))
+    print(RESULTS.read_text())

@@ -52,6 +52,12 @@ def main() -> None:
             "Load balancing (each strategy against the shared queue, same load)", balancing_rows
         )
         rows += balancing_rows
+    from bench import predictive
+
+    # No stack: the scaler's policy and forecasts on a replayed week, on a fake clock.
+    predictive_rows = predictive.run(2 if QUICK else 7)
+    print_table("Predictive scaling (a generated week, with and without)", predictive_rows)
+    rows += predictive_rows
     write_results(rows)
     print("\nwrote bench/results/latest.json")
 
