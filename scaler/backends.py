@@ -182,9 +182,16 @@ class LocalBackend:
     def alive(self, record: FleetRecord) -> bool:
         if record.host != self.host:
             return True
-        exited = self._reap()
-        if record.pid in exited:
+        child = self._children.get(record.pid)
+        if child is not None and isinstance(child.args, list) and record.hostname in child.args:
+            # Started by this process: its exit status is the truth. (An exiting process's
+            # cmdline is empty before it exits: read then, it looked gone, its record went,
+            # and nothing reaped it later.)
+            if child.poll() is None:
+                return True
+            self._children.pop(record.pid, None)
             return False
+        self._reap()
         return _pid_alive(record.pid, record.hostname)
 
     def adopt(self, hostname: str, report: dict[str, Any]) -> FleetRecord | None:
@@ -224,6 +231,11 @@ class LocalBackend:
         ]
         for record in records:
             self.stop(record)
+        # Children of this process without a record (it was lost) are stopped too.
+        recorded = {r.pid for r in records if r.host == self.host}
+        for pid, child in list(self._children.items()):
+            if pid not in recorded and child.poll() is None:
+                child.terminate()
         deadline = time.monotonic() + timeout_s
         for record in records:
             while self.alive(record) and time.monotonic() < deadline:
@@ -231,4 +243,10 @@ class LocalBackend:
             if self.alive(record):
                 os.kill(record.pid, signal.SIGKILL)
             self.store.fleet_remove(record.hostname)
+        for child in list(self._children.values()):  # reaped: no zombie left behind
+            try:
+                child.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait(5)
         self._reap()
