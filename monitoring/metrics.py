@@ -466,13 +466,13 @@ class MetricsHistory:
         return summarise(fields, window_s, resolution, model=model)
 
     def forecast_inputs(
-        self, window_s: int, *, now: float | None = None
+        self, window_s: int, *, now: float | None = None, current: bool = False
     ) -> tuple[int, dict[str, dict[str, list[float]]]]:
         """Per model version, each of ``FORECAST_FIELDS`` per whole minute of the last
-        ``window_s`` seconds (the minute in progress left out), oldest first, and the first
-        minute's start: one small hash per minute, read in one pipeline."""
+        ``window_s`` seconds (the minute in progress left out unless ``current``), oldest
+        first, and the first minute's start: one small hash per minute, one pipeline."""
         self._check_window(window_s)
-        end = int(time.time() if now is None else now) // 60 - 1
+        end = int(time.time() if now is None else now) // 60 - (0 if current else 1)
         n = max(1, window_s // 60)
         pipe = self.client.pipeline(transaction=False)
         for minute in range(end - n + 1, end + 1):

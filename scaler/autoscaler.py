@@ -223,18 +223,18 @@ class Autoscaler:
         }
 
     def _cold_starts(self, window_s: int = 3600) -> dict[str, dict[str, Any]]:
-        """Per version over the last hour: times brought up from zero, and the requests
-        that arrived at zero instances with their average wait (publish to answer)."""
-        models = MetricsHistory(self._client, metrics_settings()).window(window_s)["models"]
-        return {
-            label: {
-                "cold_starts": m["cold_starts"],
-                "requests": m["cold_start_requests"],
-                "average_ms": m["average_cold_start_ms"],
-            }
-            for label, m in models.items()
-            if m["cold_starts"] or m["cold_start_requests"]
-        }
+        """Per version over the last hour: the requests that arrived at zero instances and
+        their average wait, publish to answer (from the compact per-minute counters: a
+        dashboard polls this)."""
+        history = MetricsHistory(self._client, metrics_settings())
+        _, inputs = history.forecast_inputs(window_s, current=True)
+        out = {}
+        for label, fields in sorted(inputs.items()):
+            n = sum(fields["cold_req"])
+            if n:
+                average = round(sum(fields["cold_req_ms"]) / n, 3)
+                out[label] = {"requests": int(n), "average_ms": average}
+        return out
 
     def get_metrics(self, window_seconds: int = 3600, model: str | None = None) -> dict[str, Any]:
         """SEED.md's key metrics over the last ``window_seconds``: the window's values from

@@ -351,7 +351,7 @@ def _recommend(
     if load > 0:
         vstate = replace(vstate, last_active=now, last_request=now)
     low, high = _bound(key, snapshot, config)
-    target_load = float(override.get("target_load_per_instance", config.target_load_per_instance))
+    target_load = _target_load(key, snapshot, config)
     delay = float(override.get("scale_to_zero_delay", zero.scale_to_zero_delay))
     if not loading.enable_model_caching:
         delay = 0.0  # nothing is kept loaded for later requests
