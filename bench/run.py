@@ -55,8 +55,9 @@ def main() -> None:
     from bench import predictive
 
     # No stack: the scaler's policy and forecasts on a replayed week, on a fake clock.
-    predictive_rows = predictive.run(2 if QUICK else 7)
-    print_table("Predictive scaling (a generated week, with and without)", predictive_rows)
+    days = 2 if QUICK else 7
+    predictive_rows = predictive.run(days)
+    print_table(f"Predictive scaling ({days} generated days, with and without)", predictive_rows)
     rows += predictive_rows
     write_results(rows)
     print("\nwrote bench/results/latest.json")
