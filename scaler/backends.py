@@ -39,6 +39,8 @@ class Backend(Protocol):
 
     def alive(self, record: FleetRecord) -> bool: ...
 
+    def adopt(self, hostname: str, report: dict[str, Any]) -> FleetRecord | None: ...
+
 
 # The names of the workers a local backend starts.
 WORKER_PREFIX = "scaled-"
@@ -52,6 +54,9 @@ class StaticBackend:
 
     def stop(self, record: FleetRecord) -> None:
         return None
+
+    def adopt(self, hostname: str, report: dict[str, Any]) -> FleetRecord | None:
+        return None  # it starts nothing, so it has nothing to adopt
 
     def alive(self, record: FleetRecord) -> bool:
         return True

@@ -423,14 +423,13 @@ class ScalerLoop:
                 view.snapshot.workers.pop(name, None)
                 view.snapshot.silent.pop(name, None)
                 logger.info("worker %s has exited", name)
-        adopt = getattr(self.backend, "adopt", None)
         for name, report in view.reports.items():
-            if name in view.fleet or adopt is None:
+            if name in view.fleet:
                 continue
-            record = adopt(name, report)
-            if record is not None:
+            adopted = self.backend.adopt(name, report)
+            if adopted is not None:
                 logger.warning("worker %s was started here and had no record: adopted", name)
-                view.fleet[name] = record
+                view.fleet[name] = adopted
                 worker = view.snapshot.workers.get(name)
                 if worker is not None:
                     view.snapshot.workers[name] = dataclasses.replace(worker, managed=True)

@@ -20,8 +20,8 @@ Rules, per model version:
   horizon is not taken to zero.
 
 The rest of a tick's judgement lives here too, its memory carried in ``PolicyState``: the
-cold-start watch (a version waiting past ``cold_start_timeout``, and each cold start's
-duration), the recycle of a worker whose memory did not come back after an unload, the
+cold-start watch (a version waiting past ``cold_start_timeout``, and each version brought
+up from zero), the recycle of a worker whose memory did not come back after an unload, the
 reap of workers that never reported, and the popularity counts and their decay. ``decide``
 never changes its inputs: the state it returns is new where it differs.
 

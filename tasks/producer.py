@@ -130,8 +130,9 @@ class Producer:
         task_id = call.task_id or broker.new_task_id()
         headers = call.headers
         fresh = hot is None or hot[0] <= time.monotonic()
-        text = keys.model_key_text(call.model, version)
-        if fresh and not (yield from self.served.is_served(text)) and self.served.scaler:
+        text = keys.model_key_text(call.model, version) if fresh else ""
+        cold = fresh and not (yield from self.served.is_served(text))
+        if cold and self.served.scaler:
             # No instance serves it: the worker records this request's wait as a cold start.
             headers = {**(headers or {}), broker.COLD_START_HEADER: 1}
         message = broker.encode_task_message(
@@ -157,7 +158,7 @@ class Producer:
         if in_flight is not None:
             commands.append(in_flight)
         if fresh:
-            if (yield from self.served.poke_due(text)):
+            if cold and self.served.poke_due(text):
                 # After the message: the woken scaler finds it queued.
                 commands.append(("PUBLISH", keys.SCALER_POKE, text))
             # Pokes go out at most once a second, which no hot entry outlives.

@@ -145,10 +145,10 @@ class ServedView:
             self.scaler = bool(scaler)
         return text in self._served
 
-    def poke_due(self, text: str) -> Reads[bool]:
-        """Not served, and not poked for within ``POKE_INTERVAL_S``."""
+    def poke_due(self, text: str) -> bool:
+        """A version found not served: not poked for within ``POKE_INTERVAL_S``."""
         now = time.monotonic()
-        if (yield from self.is_served(text)) or now - self._poked.get(text, -1e9) < POKE_INTERVAL_S:
+        if now - self._poked.get(text, -1e9) < POKE_INTERVAL_S:
             return False
         if len(self._poked) > 10_000:
             self._poked.clear()

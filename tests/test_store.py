@@ -13,7 +13,8 @@ import redis
 from common.contracts import ModelKey
 from loader.registry import publish_registry
 from loader.repository import ModelRepository
-from scaler.store import ScalerStore
+from scaler.backends import StaticBackend
+from scaler.store import FleetRecord, ScalerStore
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -62,7 +63,6 @@ def test_the_local_backend_pins_one_worker_per_gpu(client: redis.Redis) -> None:
     import sys
 
     from scaler.backends import LocalBackend
-    from scaler.store import FleetRecord
 
     store = ScalerStore(client)
     backend = LocalBackend(store, gpus=2)
@@ -125,20 +125,14 @@ def test_a_cold_start_past_its_timeout_is_recorded_once(
     assert any(r.startswith("cold start: 1 requests waiting") for r in reasons)
 
 
-class _RecordingBackend:
-    can_start = False
+class _RecordingBackend(StaticBackend):
+    """A static fleet that records what it was asked to stop."""
 
     def __init__(self) -> None:
         self.stopped: list[str] = []
 
-    def start(self, queues: list[str]) -> None:
-        return None
-
-    def stop(self, record: object) -> None:
-        self.stopped.append(record.hostname)  # type: ignore[attr-defined]
-
-    def alive(self, record: object) -> bool:
-        return True
+    def stop(self, record: FleetRecord) -> None:
+        self.stopped.append(record.hostname)
 
 
 def test_a_worker_that_keeps_its_memory_after_an_unload_is_recycled(client: redis.Redis) -> None:
@@ -148,7 +142,6 @@ def test_a_worker_that_keeps_its_memory_after_an_unload_is_recycled(client: redi
     from scaler.config import AutoscalerConfig
     from scaler.loop import ScalerLoop
     from scaler.policy import RECYCLE_MIN_BYTES
-    from scaler.store import FleetRecord
     from workers import app
 
     backend = _RecordingBackend()
