@@ -48,7 +48,12 @@ class ModelLoadTimeoutError(ModelLoadError):
     """Loading took longer than ``load_timeout_seconds``."""
 
 
-class CacheCapacityError(ModelLoadError):
+class InsufficientMemoryError(ModelLoadError):
+    """A model did not fit in this worker's memory (its device ran out, or its cache is too
+    small): another worker may hold it."""
+
+
+class CacheCapacityError(InsufficientMemoryError):
     """A model does not fit the worker's cache even after evicting everything else."""
 
 

@@ -136,6 +136,11 @@ LEASES = _NS + "leases"
 # Hash: "name/version" -> messages of that version held by any worker.
 HELD_COUNTS = _NS + "held_counts"
 
+# Per "name/version": the worker whose load of it ran out of memory last (a short TTL). The
+# first such failure hands the requests to another worker; a second one fails them.
+LOAD_OOM_PREFIX = _NS + "load_oom:"
+LOAD_OOM_TTL_S = 60
+
 # Pub/sub channel per producer process: the results of every request it published.
 REPLY_PREFIX = _NS + "reply:"
 

@@ -28,6 +28,7 @@ from common.contracts import ModelKey
 from common.errors import (
     CacheCapacityError,
     InferenceError,
+    InsufficientMemoryError,
     ModelLoadError,
     ModelLoadTimeoutError,
 )
@@ -102,6 +103,7 @@ class ModelCache:
         )
         # Called with (key, seconds) after a load, (key, None) after a failed one.
         self.on_loaded: Callable[[ModelKey, float | None], None] | None = None
+        self.on_load_failed: Callable[[ModelKey, InferenceError], None] | None = None
         self.loads = 0
         self.load_failures = 0
         self.evictions = 0
@@ -207,11 +209,20 @@ class ModelCache:
                     module(warm)
             load_time = time.perf_counter() - started
         except Exception as exc:
-            error = (
-                exc
-                if isinstance(exc, InferenceError)
-                else ModelLoadError(f"cannot load model {key}: {exc}")
-            )
+            if isinstance(exc, InferenceError):
+                error: InferenceError = exc
+            elif isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+                error = InsufficientMemoryError(
+                    f"cannot load model {key}: out of memory on {self.device}: {exc}"
+                )
+            else:
+                error = ModelLoadError(f"cannot load model {key}: {exc}")
+            module = None
+            if self.on_load_failed is not None:
+                try:  # before the failure shows: what waits for the model is still here
+                    self.on_load_failed(key, error)
+                except Exception:
+                    logger.exception("load failure hook failed for %s", key)
             with self._lock:
                 if self._entries.get(key) is entry and entry.state is ModelState.LOADING:
                     self._fail(entry, error)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.errors import ModelLoadError
+from common.errors import InsufficientMemoryError, ModelLoadError
 from loader.factories import get_factory
 from loader.spec import ModelFormat, ModelSpec
 
@@ -105,6 +105,10 @@ def load_module(spec: ModelSpec, path: Path, device: torch.device) -> nn.Module:
                 module = torch.jit.load(str(path), map_location=device)
     except ModelLoadError:
         raise
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        raise InsufficientMemoryError(
+            f"cannot load {path.name} ({spec.format.value}): out of memory on {device}: {exc}"
+        ) from exc
     except Exception as exc:
         raise ModelLoadError(f"cannot load {path.name} ({spec.format.value}): {exc}") from exc
     if hasattr(module, "eval"):

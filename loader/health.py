@@ -159,6 +159,17 @@ class HealthChecker:
             except Exception:
                 logger.exception("could not hand back the requests of unhealthy %s", key)
 
+    def mark_unhealthy(self, key: ModelKey, reason: str) -> None:
+        """Unhealthy now, without probes (its load failed here): the cooldown applies."""
+        with self._lock:
+            health = self._health.setdefault(key, InstanceHealth())
+            health.state, health.failures, health.reason = UNHEALTHY, self.max_failures, reason
+            health.unhealthy_since = self._clock()
+            self._refresh()
+        logger.warning("model %s is unhealthy here: %s", key, reason)
+        if self.on_unhealthy is not None:
+            self.on_unhealthy(key)
+
     def _refresh(self) -> None:
         self.unhealthy_now = frozenset(k for k, h in self._health.items() if h.state == UNHEALTHY)
 

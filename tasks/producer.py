@@ -25,9 +25,10 @@ from typing import Any, TypeVar
 
 import redis
 from celery import states
+from kombu.exceptions import EncodeError
 
 from common import keys
-from common.errors import BrokerUnavailableError, PayloadTooLargeError
+from common.errors import BrokerUnavailableError, PayloadTooLargeError, SchemaError
 from common.redis import AsyncLink, ThreadLinks
 from common.settings import ServingSettings, serving_settings
 from tasks import broker, codec
@@ -135,19 +136,24 @@ class Producer:
         if cold and self.served.scaler:
             # No instance serves it: the worker records this request's wait as a cold start.
             headers = {**(headers or {}), broker.COLD_START_HEADER: 1}
-        message = broker.encode_task_message(
-            PREDICT if call.single else PREDICT_BATCH,
-            task_id,
-            (call.model, call.inputs),
-            {"version": version},
-            queue=route.queue,
-            serializer=call.serializer or codec.choose_serializer(call.inputs),
-            priority=call.priority,
-            expires=broker.expires_at(call.expires),
-            reply_channel=reply_channel,
-            headers=headers,
-            max_body_bytes=self.max_payload_bytes,
-        )
+        try:
+            message = broker.encode_task_message(
+                PREDICT if call.single else PREDICT_BATCH,
+                task_id,
+                (call.model, call.inputs),
+                {"version": version},
+                queue=route.queue,
+                serializer=call.serializer or codec.choose_serializer(call.inputs),
+                priority=call.priority,
+                expires=broker.expires_at(call.expires),
+                reply_channel=reply_channel,
+                headers=headers,
+                max_body_bytes=self.max_payload_bytes,
+            )
+        except EncodeError as exc:  # a complex number, an object: nothing a model takes
+            raise SchemaError(
+                f"inputs for {call.model}/{version} cannot be sent: {exc}; send numbers"
+            ) from None
         commands: Commands = []
         if call.priority and route.shared_queue not in self._prioritised:
             # The scaler counts priority sub-queues only of queues noted here.

@@ -429,6 +429,9 @@ class ReplyHub:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._channels: weakref.WeakSet[ThreadChannel] = weakref.WeakSet()
+        # Answers that found no call waiting: a second answer, or one after its caller's
+        # timeout (the fault suite counts them).
+        self.unclaimed = 0
 
     def channel(self) -> ThreadChannel:
         """This thread's channel, subscribed before its first request goes out."""
@@ -458,6 +461,7 @@ class ReplyHub:
         """A result arrived; True if a call was waiting for it."""
         waiter = self._waiters.get(task_id)
         if waiter is None or waiter.raw is not None:
+            self.unclaimed += 1
             return False
         waiter.raw = meta
         return True

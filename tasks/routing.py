@@ -74,6 +74,10 @@ class RegistryView:
             ("HGET", keys.TRAFFIC, name),
         ]
         if raw is None:
+            if not exists and cached is not None:
+                # A Redis restarted without persistence lost the registry; the scaler and
+                # the workers publish it again within a tick: the last entry seen serves.
+                return cached[1]
             if not exists:
                 raise RegistryUnavailableError(
                     "the model registry is empty: no worker or scaler has published the model "

@@ -26,7 +26,7 @@ from celery.worker.control import control_command, inspect_command
 
 from common import keys
 from common.contracts import ModelKey, report_ttl_s
-from common.errors import InferenceError
+from common.errors import InferenceError, InsufficientMemoryError
 from common.redis import Outage, redis_client
 from common.settings import (
     ServingSettings,
@@ -294,6 +294,9 @@ class ModelServing(bootsteps.StartStopStep):
         health.on_unhealthy = lambda key: completer.give_back(
             [item.ticket for item in server.batcher.take(key)]
         )
+        server.cache.on_load_failed = lambda key, error: self._hand_over(
+            worker.hostname, key, error
+        )
         worker.model_server = server
         worker.model_loop = loop
         worker.model_health = health
@@ -313,6 +316,21 @@ class ModelServing(bootsteps.StartStopStep):
             for v in versions:
                 loop.add(keys.queue_name(name, v))
         return self
+
+    def _hand_over(self, hostname: str, key: ModelKey, error: InferenceError) -> None:
+        """A load that ran out of memory here: the first such failure of the version in a
+        while makes it unhealthy here, so its requests go back to their queue and the
+        scaler places it on another worker; a second one fails its callers."""
+        if not isinstance(error, InsufficientMemoryError):
+            return
+        command = ("SET", keys.LOAD_OOM_PREFIX + str(key), hostname, "NX", "EX", keys.LOAD_OOM_TTL_S)
+        try:
+            first = self.completer.links.execute([command])[0]
+        except Exception as exc:
+            logger.warning("cannot hand %s over: %s", key, exc)
+            return
+        if first:
+            self.health.mark_unhealthy(key, f"load failed: {error}")
 
     def start(self, worker: Any) -> None:
         self.server.start(threads=False)
