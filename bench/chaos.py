@@ -38,6 +38,9 @@ from common.redis import EmbeddedRedis, free_port
 from scaler.processes import PROJECT_ROOT
 
 RESULTS = PROJECT_ROOT / "bench" / "results" / "chaos.json"
+# The subset ``make test`` runs (``--quick``): one worker kill, one Redis restart of each
+# kind without persistence, 200 bad inputs, the failing models, a full Redis, 25 cycles.
+QUICK = ["1", "2", "5", "6", "7", "8"]
 CALL_TIMEOUT_S = 60.0
 SCALER = {
     "tick_interval_s": 0.5,
@@ -135,11 +138,45 @@ def produce(spec: dict[str, Any]) -> dict[str, Any]:
                 outcome = type(exc).__name__
             records.append((i, sent, outcome, time.time() - sent))
 
+    if spec.get("send_first"):
+        return send_first(spec, predict)
     threads = [threading.Thread(target=caller) for _ in range(spec.get("threads", 8))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return {"records": records, "unclaimed": replies_for().unclaimed}
+
+
+def send_first(spec: dict[str, Any], predict: Any) -> dict[str, Any]:
+    """Every request sent before any answer is awaited (a queue that fills); a file beside
+    the output says when all were sent."""
+    import numpy as np
+    from celery.exceptions import TimeoutError as CeleryTimeoutError
+
+    from tasks.replies import replies_for
+
+    first, count = spec["first"], spec["count"]
+    records: list[tuple[int, float, str, float]] = []
+    pending = []
+    for i in range(first, first + count):
+        x = np.zeros(64, np.float32)
+        x[0], x[1] = i, 1.0
+        sent = time.time()
+        try:
+            pending.append((i, sent, predict.delay(spec["model"], x)))
+        except Exception as exc:
+            records.append((i, sent, f"{type(exc).__name__} at delay()", 0.0))
+    Path(spec["out"] + ".sent").write_text(str(len(pending)))
+    for i, sent, result in pending:
+        try:
+            out = result.get(timeout=spec.get("timeout", CALL_TIMEOUT_S))
+            outcome = "answered" if int(out[0]) == i else "wrong"
+        except CeleryTimeoutError:
+            outcome = "lost"
+        except Exception as exc:
+            outcome = type(exc).__name__
+        records.append((i, sent, outcome, time.time() - sent))
     return {"records": records, "unclaimed": replies_for().unclaimed}
 
 
@@ -255,14 +292,13 @@ class Stack:
             part = {**spec, "first": spec["first"] + k * share, "count": share, "out": str(out)}
             if k == n - 1:
                 part["count"] = spec["count"] - share * (n - 1)
-            procs.append((
-                subprocess.Popen(
+            with open(str(out) + ".log", "w") as log:  # the child keeps its own copy
+                proc = subprocess.Popen(
                     [sys.executable, "-m", "bench.chaos", "--produce", json.dumps(part)],
                     cwd=PROJECT_ROOT, env={**os.environ, **self.env},
-                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                ),  # fmt: skip
-                out,
-            ))
+                    stdout=subprocess.DEVNULL, stderr=log, text=True,
+                )  # fmt: skip
+            procs.append((proc, out))
         return procs
 
     @staticmethod
@@ -270,9 +306,10 @@ class Stack:
         records: list[Any] = []
         unclaimed = 0
         for proc, path in procs:
-            _, err = proc.communicate(timeout=CALL_TIMEOUT_S * 4 + 120)
+            proc.wait(timeout=CALL_TIMEOUT_S * 4 + 120)
             if proc.returncode != 0:
-                raise RuntimeError(f"a producer failed: {err[-3000:]}")
+                log = Path(str(path) + ".log").read_text(errors="replace")
+                raise RuntimeError(f"a producer failed: {log[-3000:]}")
             result = json.loads(path.read_text())
             records += result["records"]
             unclaimed += result["unclaimed"]
@@ -286,7 +323,9 @@ class Stack:
     def executions(self, ids: range | None = None) -> collections.Counter[int]:
         if not self.log.exists():
             return collections.Counter()
-        counts = collections.Counter(int(line.split()[0]) for line in self.log.read_text().split("\n") if line)
+        counts = collections.Counter(
+            int(line.split()[0]) for line in self.log.read_text().split("\n") if line
+        )
         if ids is not None:
             counts = collections.Counter({i: n for i, n in counts.items() if i in ids})
         return counts
@@ -432,7 +471,9 @@ def warm(stack: Stack, instances: int, first: int = 10_000_000) -> None:
 SCENARIOS: dict[str, Callable[[Path, bool], Iterator[Tally]]] = {}
 
 
-def scenario(number: str) -> Callable[[Callable[..., Iterator[Tally]]], Callable[..., Iterator[Tally]]]:
+def scenario(
+    number: str,
+) -> Callable[[Callable[..., Iterator[Tally]]], Callable[..., Iterator[Tally]]]:
     def register(fn: Callable[..., Iterator[Tally]]) -> Callable[..., Iterator[Tally]]:
         SCENARIOS[number] = fn
         return fn
@@ -461,7 +502,7 @@ def worker_kills(root: Path, quick: bool) -> Iterator[Tally]:
             if len(victims) < 2:
                 continue  # one left: killing it tests cold starts, not failover
             pid = rng.choice(sorted(victims))
-            held_at_kill += int(client.hlen(keys.HELD_PREFIX + victims[pid]) or 0)
+            held_at_kill += int(stack.client.hlen(keys.HELD_PREFIX + victims[pid]) or 0)
             stack.kill(pid)
             kills.append(time.time())
         records, unclaimed = stack.collect(procs)
@@ -545,7 +586,8 @@ def redis_restarts(root: Path, quick: bool) -> Iterator[Tally]:
             else:
                 lost = tally.errors.get("RequestLostError", 0)
                 tally.notes.append(f"{lost} requests were in Redis when it restarted without "
-                                   "persistence: their callers got RequestLostError at their timeout")  # fmt: skip
+                                   "persistence: their callers got RequestLostError at their "
+                                   "timeout")  # fmt: skip
         finally:
             finish(tally, stack)
         first += total
@@ -592,7 +634,7 @@ def frozen_worker(root: Path, quick: bool) -> Iterator[Tally]:
                                  "rate": total / 14 / 4}, 4)  # fmt: skip
         time.sleep(3.0)
         victim, name = sorted(stack.serving().items())[0]
-        held = int(client.hlen(keys.HELD_PREFIX + name) or 0)
+        held = int(stack.client.hlen(keys.HELD_PREFIX + name) or 0)
         stack.kill(victim, signal.SIGSTOP)
         time.sleep(6.0)
         stack.kill(victim, signal.SIGCONT)
@@ -602,7 +644,8 @@ def frozen_worker(root: Path, quick: bool) -> Iterator[Tally]:
         tally.executed_twice = stack.twice(range(1, total + 1))
         ids = [r[0] for r in records]
         tally.notes.append(f"the frozen worker held {held} requests when stopped; "
-                           f"{unclaimed} second answers reached a client and were dropped")  # fmt: skip
+                           f"{unclaimed} second answers reached a client and were "
+                           "dropped")  # fmt: skip
         tally.aim("0 lost", tally.answered == total)
         tally.aim("one answer per caller", len(set(ids)) == len(ids) == total)
     finally:
@@ -613,7 +656,7 @@ def frozen_worker(root: Path, quick: bool) -> Iterator[Tally]:
 @scenario("5")
 def failing_models(root: Path, quick: bool) -> Iterator[Tally]:
     """A model that raises on some inputs; a model whose load fails on one worker only."""
-    total = 1000
+    total = 300 if quick else 1000
     tally = Tally(f"5a. model raising on 1 in 10 inputs, {total} requests")
     stack = Stack(root, "raising")
     write_model(stack.repo, "picky", "echo_mlp", log_path=str(stack.log), raises=True)
@@ -623,13 +666,16 @@ def failing_models(root: Path, quick: bool) -> Iterator[Tally]:
         tally.add(stack.send({"model": "picky", "first": 1, "count": total, "threads": 16,
                               "negative": negative}, 2))  # fmt: skip
         tally.executed_twice = stack.twice(range(1, total + 1))
-        tally.aim("each raising input failed, typed", tally.errors == {"ModelExecutionError": len(negative)})
+        tally.aim(
+            "each raising input failed, typed",
+            tally.errors == {"ModelExecutionError": len(negative)},
+        )
         tally.aim("the rest of its batch answered", tally.answered == total - len(negative))
     finally:
         finish(tally, stack)
     yield tally
 
-    total = 200
+    total = 100 if quick else 200
     tally = Tally(f"5b. model load out of memory on one worker, {total} requests")
     stack = Stack(root, "oom", scaler={"model_loading": {"min_instances_per_model": 0}})
     write_model(stack.repo, "oomonce", "oom_once", log_path=str(stack.log),
@@ -672,9 +718,11 @@ def bad_inputs(spec: dict[str, Any]) -> list[tuple[str, str, float]]:
     odd = st.one_of(st.text(max_size=4), st.none(), st.complex_numbers(allow_nan=False),
                     st.dictionaries(st.text(max_size=2), st.integers(), max_size=1))  # fmt: skip
     wrong_dtype = st.tuples(st.integers(0, 63), odd).map(
-        lambda t: ("dtype", [1.0] * t[0] + [t[1]] + [1.0] * (63 - t[0])))
+        lambda t: ("dtype", [1.0] * t[0] + [t[1]] + [1.0] * (63 - t[0]))
+    )
     non_finite = st.tuples(st.integers(0, 63), st.sampled_from([np.nan, np.inf, -np.inf])).map(
-        lambda t: ("nan/inf", np.where(np.arange(64) == t[0], t[1], 1.0).astype(np.float32)))
+        lambda t: ("nan/inf", np.where(np.arange(64) == t[0], t[1], 1.0).astype(np.float32))
+    )
     empty = st.sampled_from([[], np.zeros(0, np.float32), [[]]]).map(lambda x: ("empty", x))
     oversized = st.integers(300_000, 400_000).map(lambda n: ("oversized", np.ones(n, np.float32)))
     unknown = st.from_regex(r"[a-z][a-z0-9_]{0,20}", fullmatch=True).filter(
@@ -684,6 +732,7 @@ def bad_inputs(spec: dict[str, Any]) -> list[tuple[str, str, float]]:
         st.tuples(part, st.sampled_from(["..", "/", "\x00", "../", "\\"]), part).map("".join),
         st.integers(129, 10_000).map(lambda n: "x" * n),
     ).map(lambda n: ("bad name", n))
+
     def evenly(*strategies: Any) -> Any:
         return st.sampled_from(strategies).flatmap(lambda s: s)  # one_of favours the first
 
@@ -748,7 +797,8 @@ def bad_inputs(spec: dict[str, Any]) -> list[tuple[str, str, float]]:
             raw, task_id = junk, None
         elif kind == "wrong task":
             raw = broker.encode_task_message("os.system", (task_id := broker.new_task_id()),
-                                             ("echo",), {}, queue=queue, serializer="json")  # fmt: skip
+                                             ("echo",), {}, queue=queue,
+                                             serializer="json")  # fmt: skip
         else:
             raw, task_id = message("tensor")
             envelope = broker.read_envelope(raw)
@@ -784,7 +834,9 @@ def bad_inputs(spec: dict[str, Any]) -> list[tuple[str, str, float]]:
             r = http.post("/predict", content=value, headers={"Content-Type": "application/json"})
         else:
             r = http.post("/predict", json={"model": "echo", "inputs": value})
-        typed = 400 <= r.status_code < 500 and "application/json" in r.headers.get("content-type", "")
+        typed = 400 <= r.status_code < 500 and "application/json" in r.headers.get(
+            "content-type", ""
+        )
         outcome = f"HTTP {r.status_code}" if typed else f"untyped HTTP {r.status_code}"
         seen.append((f"http: {kind}", outcome, time.monotonic() - started))
 
@@ -839,7 +891,9 @@ def bad_requests(root: Path, quick: bool) -> Iterator[Tally]:
         kinds = collections.Counter(kind for kind, _, _ in seen)
         tally.notes.append("cases: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())))
         if dropped:
-            tally.notes.append(f"{dropped} messages without a readable id: dropped (acknowledged, logged)")
+            tally.notes.append(
+                f"{dropped} messages without a readable id: dropped (acknowledged, logged)"
+            )
         untyped = [(k, o) for k, o, _ in seen if o.startswith("untyped") or o == "answered"]
         tally.notes += [f"not refused: {k}: {o}" for k, o in untyped[:10]]
         tally.aim(">= 1000 cases" if not quick else ">= 200 cases", len(seen) >= count)
@@ -851,9 +905,154 @@ def bad_requests(root: Path, quick: bool) -> Iterator[Tally]:
     yield tally
 
 
+@scenario("7")
+def redis_full(root: Path, quick: bool) -> Iterator[Tally]:
+    """Redis at ``maxmemory`` with ``noeviction``: 4 producers send faster than one worker
+    serves until Redis refuses them; everything it accepted must be answered."""
+    total = 6000 if quick else 12_000
+    tally = Tally(f"7. Redis full (maxmemory, noeviction), {total} requests")
+    pinned = {"max_workers": 1, "model_loading": {"min_instances_per_model": 1}}
+    stack = Stack(root, "full", scaler=pinned)
+    try:
+        stack.start_beat()
+        warm(stack, 1)
+        used = int(stack.client.info("memory")["used_memory"])
+        limit = used + (3 if not quick else 1) * 1024 * 1024
+        stack.client.config_set("maxmemory", limit)
+        procs = stack.producers({"model": "echo", "first": 1, "count": total, "send_first": True,
+                                 "timeout": 120}, 4)  # fmt: skip
+        records, unclaimed = stack.collect(procs)
+        tally.add(summarize(records, unclaimed))
+        tally.faults = 1
+        refused = sum(n for k, n in tally.errors.items() if k.startswith("BrokerUnavailableError"))
+        accepted = tally.sent - refused
+        tally.notes.append(f"maxmemory {limit / 2**20:.1f} MiB: {refused} refused "
+                           f"({tally.errors}), {accepted} accepted")  # fmt: skip
+        tally.executed_twice = stack.twice(range(1, total + 1))
+        tally.aim("Redis filled: some refused, typed", refused > 0)
+        tally.aim("every accepted request answered", tally.answered == accepted and tally.lost == 0)
+    finally:
+        finish(tally, stack)
+    yield tally
+
+
+CYCLE_MODELS = ("echo", "echo2", "echo3")
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def cycles(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """In the stack's environment: ``count`` cycles of requests to the three models, each
+    waited out until the worker holds none of them again; per cycle the RSS of beat and
+    of the worker, Redis's keys (and how many expire) and the worker processes."""
+    import numpy as np
+
+    from tasks import predict
+
+    client = redis.Redis.from_url(spec["url"])
+    x = np.zeros(64, np.float32)
+    rows = []
+
+    def at_zero() -> bool:
+        raw = client.get(keys.worker_report_key(spec["worker"]))
+        report = json.loads(raw) if raw else {}
+        held = {m["name"] for m in report.get("models", []) + report.get("loading", [])}
+        return raw is not None and not held & set(CYCLE_MODELS)
+
+    def persistent() -> list[str]:
+        return sorted(k.decode() for k in client.scan_iter(count=1000) if client.ttl(k) == -1)
+
+    for cycle in range(spec["count"]):
+        if cycle == spec["count"] // 5:
+            # The steady state: the scaler has counted requests (its popularity hash, one
+            # key for all versions, is written from the workers' reports).
+            wait_for(lambda: client.exists(keys.POPULARITY), 30, "the popularity counts")
+            time.sleep(2.0)
+            start = persistent()
+        results = [predict.delay(m, x) for m in CYCLE_MODELS for _ in range(4)]
+        for r in results:
+            r.get(timeout=60)
+        wait_for(at_zero, 60, f"cycle {cycle}: every model back to zero")
+        space = client.info("keyspace").get("db0", {})
+        rows.append({
+            "cycle": cycle + 1, "beat_rss": rss_bytes(spec["beat"]),
+            "worker_rss": rss_bytes(spec["worker_pid"]),
+            "keys": space.get("keys", 0), "expiring": space.get("expires", 0),
+            "workers": len(worker_processes(spec["url"])),
+        })  # fmt: skip
+    time.sleep(2.0)
+    rows[-1]["without_ttl_start"], rows[-1]["without_ttl"] = start, persistent()
+    return rows
+
+
+@scenario("8")
+def scale_cycles(root: Path, quick: bool) -> Iterator[Tally]:
+    """100 cycles of three models loaded, served and scaled back to zero on one worker."""
+    from scaler.processes import WorkerProcess
+
+    count = 25 if quick else 100
+    tally = Tally(f"8. {count} scale cycles of 3 models (load, serve, zero)")
+    stack = Stack(root, "cycles", scaler={
+        "tick_interval_s": 0.2, "max_workers": 1, "scale_down_stabilization_s": 0,
+        "zero_scaling": {"scale_to_zero_delay": 0.3},
+    })  # fmt: skip
+    for name in CYCLE_MODELS[1:]:
+        write_model(stack.repo, name, "echo_mlp")
+    worker = WorkerProcess("anchor@chaos", env=stack.env, log_path=stack.dir / "anchor.log")
+    try:
+        stack.start_beat()
+        wait_for(lambda: stack.client.exists(keys.worker_report_key(worker.hostname)), 60,
+                 "the worker's first report")  # fmt: skip
+        assert stack.beat is not None
+        out = stack.dir / "cycles.json"
+        spec = {"url": stack.server.url, "count": count, "beat": stack.beat.pid,
+                "worker": worker.hostname, "worker_pid": worker.pid, "out": str(out)}  # fmt: skip
+        subprocess.run([sys.executable, "-m", "bench.chaos", "--cycles", json.dumps(spec)],
+                       cwd=PROJECT_ROOT, env={**os.environ, **stack.env}, check=True,
+                       timeout=900)  # fmt: skip
+        rows = json.loads(out.read_text())
+        tally.sent = tally.answered = count * len(CYCLE_MODELS) * 4
+        tally.faults = count
+        tenth, last = rows[9], rows[-1]
+        growth = {
+            what: (last[what] - tenth[what]) / tenth[what] for what in ("beat_rss", "worker_rss")
+        }
+        persistent = (len(last["without_ttl_start"]), len(last["without_ttl"]))
+        tally.notes.append(
+            "RSS from cycle 10 to " + str(count) + ": beat {:.1f} -> {:.1f} MiB ({:+.1%}), worker {:.1f} -> "
+            "{:.1f} MiB ({:+.1%}); keys without a TTL after cycle {} {}, at the end {}; keys "
+            "with one (results, metrics buckets) {} -> {}".format(
+                tenth["beat_rss"] / 2**20, last["beat_rss"] / 2**20, growth["beat_rss"],
+                tenth["worker_rss"] / 2**20, last["worker_rss"] / 2**20, growth["worker_rss"],
+                count // 5, *persistent, tenth["expiring"], last["expiring"],
+            )
+        )  # fmt: skip
+        tally.aim("beat RSS growth < 5%", growth["beat_rss"] < 0.05)
+        tally.aim("worker RSS growth < 5%", growth["worker_rss"] < 0.05)
+        tally.aim("keys back to their start", persistent[1] <= persistent[0])
+        added = sorted(set(last["without_ttl"]) - set(last["without_ttl_start"]))
+        if added:
+            tally.notes.append(f"keys without a TTL added: {added}")
+        tally.aim("no worker process but the one", max(r["workers"] for r in rows) == 1)
+        (RESULTS.parent / "chaos_cycles.json").parent.mkdir(parents=True, exist_ok=True)
+        (RESULTS.parent / "chaos_cycles.json").write_text(json.dumps(rows, indent=1) + "\n")
+    finally:
+        worker.stop(timeout_s=30)
+        finish(tally, stack)
+    yield tally
+
+
 # -- running --------------------------------------------------------------------------------
 def print_table(tallies: list[Tally]) -> None:
-    head = f"{'scenario':62} {'sent':>6} {'ok':>6} {'typed errors':>24} {'lost':>5} {'twice':>5} {'2nd':>4} {'wait s':>7} {'exits':>5} {'aims':>5}"
+    head = (
+        f"{'scenario':62} {'sent':>6} {'ok':>6} {'typed errors':>24} {'lost':>5} {'twice':>5} "
+        f"{'2nd':>4} {'wait s':>7} {'exits':>5} {'aims':>5}"
+    )
     print("\n" + head)
     for t in tallies:
         errors = ", ".join(f"{k} {v}" for k, v in sorted(t.errors.items())) or "0"
@@ -886,10 +1085,15 @@ def main() -> int:
     parser.add_argument("--only", default="", help="scenario numbers, comma-separated")
     parser.add_argument("--produce", default="", help=argparse.SUPPRESS)
     parser.add_argument("--bad", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--cycles", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.produce:
         spec = json.loads(args.produce)
         Path(spec["out"]).write_text(json.dumps(produce(spec)))
+        return 0
+    if args.cycles:
+        spec = json.loads(args.cycles)
+        Path(spec["out"]).write_text(json.dumps(cycles(spec)))
         return 0
     if args.bad:
         spec = json.loads(args.bad)
@@ -897,7 +1101,7 @@ def main() -> int:
         return 0
     import tempfile
 
-    numbers = args.only.split(",") if args.only else list(SCENARIOS)
+    numbers = args.only.split(",") if args.only else QUICK if args.quick else list(SCENARIOS)
     root = Path(tempfile.mkdtemp(prefix="chaos-"))
     tallies = run(numbers, args.quick, root)
     print_table(tallies)

@@ -145,7 +145,8 @@ HOLD_BYTES = 64 * 1024
 
 class Unacked:
     """Commands written without waiting for their replies; they are counted off as later
-    reads come by (``Connection.send_unacked``)."""
+    reads come by (``Connection.send_unacked``). ``error`` is the first command's refusal:
+    it decides (a request's message); what follows it is bookkeeping."""
 
     __slots__ = ("commands", "error", "left", "tag")
 
@@ -317,9 +318,9 @@ class Connection:
                 self.on_push(list(item))
             elif self.unacked:  # replies come in order: these commands went out first
                 head = self.unacked[0]
-                head.left -= 1
-                if head.error is None and isinstance(item, hiredis.ReplyError):
+                if head.left == len(head.commands) and isinstance(item, hiredis.ReplyError):
                     head.error = error_of(item)
+                head.left -= 1
                 if head.left == 0:
                     self.unacked.popleft()
                     if self.on_acked is not None:

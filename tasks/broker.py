@@ -579,7 +579,9 @@ def results_commands(
     """Store results, then announce them to whoever waits: one message per producer's
     reply channel, or Celery's per-task channel for a request that names none."""
     commands: list[tuple[Any, ...]] = [
-        ("SETEX", result_key(task_id), expires_s, meta) for task_id, meta, _ in results
+        STORE.command(
+            [result_key(t) for t, _, _ in results], [expires_s, *(m for _, m, _ in results)]
+        )
     ]
     by_channel: dict[str, list[tuple[str, bytes]]] = {}
     for task_id, meta, channel in results:
@@ -892,6 +894,34 @@ return {queued, redis.call('HGETALL', KEYS[4])}
 """
 
 
+# A full Redis (maxmemory, noeviction) refuses producers at the door, but the scripts of the
+# consumers (fetch, answer, acknowledge, give back, heartbeat) may write past the limit
+# (Redis 7's allow-oom flag): draining a queue frees more than its answers take.
+_ALLOW_OOM = "#!lua flags=allow-oom\n"
+
+# KEYS: result keys. ARGV: seconds to keep them, then one result per key.
+_STORE = """
+for i, key in ipairs(KEYS) do redis.call('SET', key, ARGV[i + 1], 'EX', ARGV[1]) end
+return #KEYS
+"""
+
+# KEYS: the worker's report, the workers' set, leases. ARGV: report, its TTL, time, name,
+# lease seconds.
+_HEARTBEAT = """
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[3], tonumber(t[1]) + tonumber(ARGV[5]), ARGV[4])
+return 1
+"""
+
+
+# KEYS: a routing state hash. ARGV: field, how many left.
+_IN_FLIGHT_DONE = """
+return redis.call('HINCRBY', KEYS[1], ARGV[1], -tonumber(ARGV[2]))
+"""
+
+
 class Script:
     """A Lua script run by its SHA, loaded again after a Redis restart forgot it."""
 
@@ -908,11 +938,14 @@ class Script:
         return ("EVALSHA", self.sha, len(keys_), *keys_, *args)
 
 
-FETCH = Script(_FETCH)
-ACK = Script(_ACK)
-RETURN = Script(_RETURN)
-RELEASE = Script(_RELEASE)
-RENEW = Script(_RENEW)
+FETCH = Script(_ALLOW_OOM + _FETCH)
+ACK = Script(_ALLOW_OOM + _ACK)
+RETURN = Script(_ALLOW_OOM + _RETURN)
+RELEASE = Script(_ALLOW_OOM + _RELEASE)
+RENEW = Script(_ALLOW_OOM + _RENEW)
+STORE = Script(_ALLOW_OOM + _STORE)
+HEARTBEAT = Script(_ALLOW_OOM + _HEARTBEAT)
+IN_FLIGHT_DONE = Script(_ALLOW_OOM + _IN_FLIGHT_DONE)
 LOAD = Script(_LOAD)
 
 
@@ -1085,6 +1118,20 @@ def presence_command(
 
 def renew_command(consumer: str, lease_s: float) -> tuple[Any, ...]:
     return RENEW.command([keys.LEASES], [consumer, lease_s])
+
+
+def in_flight_done_command(key: str, field: str, n: int) -> tuple[Any, ...]:
+    return IN_FLIGHT_DONE.command([key], [field, n])
+
+
+def heartbeat_command(
+    hostname: str, report: str, ttl_s: float, now: float, lease_s: float
+) -> tuple[Any, ...]:
+    """A worker's report, its place in the workers' set and its lease renewed."""
+    return HEARTBEAT.command(
+        [keys.worker_report_key(hostname), keys.WORKERS, keys.LEASES],
+        [report, math.ceil(ttl_s), now, hostname, lease_s],
+    )
 
 
 def release(execute: Execute, consumer: str = "") -> int:

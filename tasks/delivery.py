@@ -176,11 +176,8 @@ class Completer:
         # Requests a balancer routed here leave this instance's in-flight count.
         routed = Counter(d.source.label for d in deliveries if d.routed_here)
         return [
-            (
-                "HINCRBY",
-                keys.routing_state_key(*ModelKey.parse(label)),
-                f"inflight:{self.hostname}",
-                -n,
+            broker.in_flight_done_command(
+                keys.routing_state_key(*ModelKey.parse(label)), f"inflight:{self.hostname}", n
             )
             for label, n in routed.items()
         ]

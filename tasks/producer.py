@@ -154,12 +154,13 @@ class Producer:
             raise SchemaError(
                 f"inputs for {call.model}/{version} cannot be sent: {exc}; send numbers"
             ) from None
-        commands: Commands = []
+        # The message first: its write alone says whether the request was queued (a full
+        # Redis may refuse what follows it).
+        commands: Commands = broker.publish_commands(route.queue, call.priority, message)
         if call.priority and route.shared_queue not in self._prioritised:
             # The scaler counts priority sub-queues only of queues noted here.
             commands.append(("SADD", keys.PRIORITY_QUEUES, route.shared_queue))
             self._prioritised.add(route.shared_queue)
-        commands += broker.publish_commands(route.queue, call.priority, message)
         in_flight = route.in_flight_command(call.model, version)
         if in_flight is not None:
             commands.append(in_flight)

@@ -36,7 +36,7 @@ import redis
 from common import keys
 from common.errors import BrokerUnavailableError
 from common.redis import Outage, redis_client
-from common.resp3 import AsyncConnection, Connection, Endpoint, Push, Unacked, first_error
+from common.resp3 import AsyncConnection, Connection, Endpoint, Push, Unacked, error_of
 from tasks import broker
 
 logger = logging.getLogger(__name__)
@@ -635,7 +635,8 @@ class AsyncChannel:
             raise redis.ConnectionError("Redis connection lost")
 
         def acknowledged(replies: list[Any] | Exception) -> None:
-            error = replies if isinstance(replies, Exception) else first_error(replies)
+            # The message's own write decides; a refused wake token or count does not.
+            error = replies if isinstance(replies, Exception) else error_of(replies[0])
             entry = self._futures.get(task_id) if error is not None else None
             if entry is not None and not entry[0].done():
                 if isinstance(error, redis.ResponseError):

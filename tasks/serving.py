@@ -200,16 +200,18 @@ class Reporter:
         hostname = self.worker.hostname
         self._record_resources(report, now)
         commands: list[tuple[Any, ...]] = [
-            ("SET", keys.worker_report_key(hostname), json.dumps(report), "EX", self.ttl_s),
-            ("ZADD", keys.WORKERS, now, hostname),
             # Only a dead worker's messages outlive their lease and come back.
-            broker.renew_command(hostname, self.lease_s),
+            broker.heartbeat_command(hostname, json.dumps(report), self.ttl_s, now, self.lease_s)
         ]
-        for text, ms in list(self.server.batcher.stats.latency_ewma_ms.items()):
-            key = ModelKey.parse(text)
-            commands.append(
-                ("HSET", keys.routing_state_key(*key), f"latency:{hostname}", round(ms, 3))
-            )
+        ready = {str(k) for k in self.server.cache.ready_keys()}
+        latencies = self.server.batcher.stats.latency_ewma_ms
+        for text, ms in list(latencies.items()):
+            key, field = ModelKey.parse(text), f"latency:{hostname}"
+            if text in ready:
+                commands.append(("HSET", keys.routing_state_key(*key), field, round(ms, 3)))
+            else:  # unloaded here: it leaves the routing state (no key outlives its use)
+                latencies.pop(text, None)
+                commands.append(("HDEL", keys.routing_state_key(*key), field))
         for failed in report["failed_models"]:
             record = {
                 "error": failed["error"],
@@ -323,7 +325,14 @@ class ModelServing(bootsteps.StartStopStep):
         scaler places it on another worker; a second one fails its callers."""
         if not isinstance(error, InsufficientMemoryError):
             return
-        command = ("SET", keys.LOAD_OOM_PREFIX + str(key), hostname, "NX", "EX", keys.LOAD_OOM_TTL_S)
+        command = (
+            "SET",
+            keys.LOAD_OOM_PREFIX + str(key),
+            hostname,
+            "NX",
+            "EX",
+            keys.LOAD_OOM_TTL_S,
+        )
         try:
             first = self.completer.links.execute([command])[0]
         except Exception as exc:
