@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # The dashboard's browser test drives Debian's Chromium; run as root, the set-up installs it.
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: demo test bench lint typecheck models clean browser
+.PHONY: demo test bench chaos lint typecheck models clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test: $(STAMP) browser
 
 bench: $(STAMP)
 	$(PY) -m bench.run
+
+# Counted fault injection (a few minutes): bench/results/chaos.json and a table.
+chaos: $(STAMP)
+	$(PY) -m bench.chaos
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1096,6 +1096,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", default="", help="scenario numbers, comma-separated")
+    parser.add_argument("--out", default="", help="results file (default: chaos.json, not quick)")
     parser.add_argument("--produce", default="", help=argparse.SUPPRESS)
     parser.add_argument("--bad", default="", help=argparse.SUPPRESS)
     parser.add_argument("--cycles", default="", help=argparse.SUPPRESS)
@@ -1118,10 +1119,11 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="chaos-"))
     tallies = run(numbers, args.quick, root)
     print_table(tallies)
-    if not args.quick:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps([asdict(t) for t in tallies], indent=2) + "\n")
-        print(f"\nwritten to {RESULTS.relative_to(PROJECT_ROOT)}; logs in {root}")
+    out = Path(args.out) if args.out else None if args.quick else RESULTS
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps([asdict(t) for t in tallies], indent=2) + "\n")
+        print(f"\nwritten to {out}; logs in {root}")
     return 0 if all(t.passed for t in tallies) else 1
 
 

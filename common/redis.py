@@ -346,6 +346,8 @@ class EmbeddedRedis:
             "--bind", "127.0.0.1",
             "--save", "",
             "--appendonly", "no",
+            # Full, it refuses writes (producers hear it) instead of evicting requests.
+            "--maxmemory-policy", "noeviction",
             "--dir", self._dir,
             "--loglevel", "warning",
             *self.extra_args,

@@ -60,6 +60,21 @@ def worker_env(config: AutoscalerConfig) -> dict[str, str]:
     }
 
 
+def warn_if_evicting(client: Any) -> None:
+    """A Redis that evicts when full drops queued requests and results without a word:
+    only ``noeviction`` refuses producers instead (with an error at the caller)."""
+    try:
+        policy = client.config_get("maxmemory-policy").get("maxmemory-policy", "noeviction")
+    except Exception:  # CONFIG disabled (a managed Redis) or Redis away: nothing to tell
+        return
+    if policy != "noeviction":
+        logger.warning(
+            "Redis maxmemory-policy is %s: once full it evicts queued requests and results "
+            "silently; set maxmemory-policy noeviction",
+            policy,
+        )
+
+
 def build_loop(app: Any, config: AutoscalerConfig | None = None) -> ScalerLoop:
     config = config or config_from_settings()
     serving = serving_settings()
@@ -68,6 +83,7 @@ def build_loop(app: Any, config: AutoscalerConfig | None = None) -> ScalerLoop:
         ModelRepository(serving.model_repository) if serving.model_repository.is_dir() else None
     )
     loop = ScalerLoop(config, client=client, app=app, repository=repository)
+    warn_if_evicting(client)
     if isinstance(loop.backend, LocalBackend):
         loop.backend.env.update(worker_env(config))
         loop.backend.log_dir = scaler_settings().log_dir

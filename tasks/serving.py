@@ -20,6 +20,7 @@ import threading
 import time
 from typing import Any
 
+import redis
 from celery import bootsteps, signals
 from celery.worker.consumer import Consumer
 from celery.worker.control import control_command, inspect_command
@@ -402,6 +403,17 @@ class ModelServing(bootsteps.StartStopStep):
 
 class ServingConsumer(Consumer):
     """Celery's consumer, with model queues added and cancelled in the serving loop."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # A full Redis (maxmemory reached) refuses kombu's start-up writes (a mutex, the
+        # control queue): Celery retries them as a lost connection instead of exiting. The
+        # workers already running drain it (their scripts may write past the limit).
+        self.connection_errors = (
+            *self.connection_errors,
+            redis.exceptions.OutOfMemoryError,
+            redis.exceptions.ExecAbortError,
+        )
 
     def add_task_queue(self, queue: str, *args: Any, **options: Any) -> None:
         loop: WorkerLoop | None = getattr(self.controller, "model_loop", None)

@@ -17,6 +17,16 @@ from common.redis import EmbeddedRedis
 from tests.helpers import WorkerProcess, write_state_dict_model
 
 _server: EmbeddedRedis | None = None
+# Short leases and intervals for the session's workers (and REDIS_URL, MODEL_REPOSITORY and
+# MODEL_FACTORY_MODULES beside them).
+SESSION_ENV = {
+    "VISIBILITY_TIMEOUT_S": "3",
+    "UNACKED_RESTORE_INTERVAL_S": "0.5",
+    "REGISTRY_CACHE_S": "0",
+    "WORKER_REPORT_INTERVAL_S": "0.25",
+    "WORKER_TORCH_THREADS": "1",
+    "WORKER_FAILURE_COOLDOWN_SECONDS": "2",
+}
 _session_dir = Path(tempfile.mkdtemp(prefix="inference-tests-"))
 
 
@@ -31,12 +41,7 @@ def pytest_configure(config: pytest.Config) -> None:
         REDIS_URL=_server.url,
         MODEL_REPOSITORY=str(repo),
         MODEL_FACTORY_MODULES="tests.factories",
-        VISIBILITY_TIMEOUT_S="3",
-        UNACKED_RESTORE_INTERVAL_S="0.5",
-        REGISTRY_CACHE_S="0",
-        WORKER_REPORT_INTERVAL_S="0.25",
-        WORKER_TORCH_THREADS="1",
-        WORKER_FAILURE_COOLDOWN_SECONDS="2",
+        **SESSION_ENV,
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -269,3 +270,74 @@ def test_a_traffic_change_made_in_this_process_applies_to_its_next_request(
     assert sent_to() == v2
     asyncio.run(autoscaler.set_traffic_split("linear", None))
     assert sent_to() == v1
+
+
+def test_inputs_that_cannot_be_sent_are_a_schema_error(registry: redis.Redis) -> None:
+    from common.errors import SchemaError
+    from tasks import predict
+
+    for bad in ([object()] * 8, [1.0] * 7 + [1j], [1.0] * 7 + [{"x": 1j}]):
+        with pytest.raises(SchemaError, match="linear/v1 cannot be sent"):
+            predict.delay("linear", bad)
+    assert registry.llen(QUEUE) == 0
+
+
+def test_a_registry_lost_with_redis_does_not_fail_a_producer_that_saw_it(
+    registry: redis.Redis, test_repo: Path
+) -> None:
+    """Redis restarted without persistence forgets the registry until the scaler or a
+    worker publishes it again: a producer that knew the model keeps its last entry; one
+    that never saw a registry is told at once."""
+    from common.errors import RegistryUnavailableError
+    from tasks.routing import RegistryView, run_sync
+
+    def execute(commands: Any) -> list[Any]:
+        return broker.run(registry, commands)
+
+    seen, fresh = RegistryView(ttl_s=0), RegistryView(ttl_s=0)
+    assert run_sync(seen.resolve("linear", None), execute) == "v1"
+    registry.delete(keys.REGISTRY)
+    assert run_sync(seen.resolve("linear", "v2"), execute) == "v2"
+    with pytest.raises(RegistryUnavailableError, match="registry is empty"):
+        run_sync(fresh.resolve("linear", None), execute)
+    publish_registry(registry, ModelRepository(test_repo).registry())
+    with pytest.raises(Exception, match="unknown model 'nope'"):
+        run_sync(seen.resolve("nope", None), execute)
+
+
+def test_a_full_redis_keeps_answering_what_it_accepted(
+    registry: redis.Redis, start_worker: Any
+) -> None:
+    """At maxmemory with noeviction a producer is refused at once, while the consumer's
+    scripts (fetch, answer, acknowledge, heartbeat) still write: what was queued is
+    answered, nothing is refused half way. A worker started while Redis is full waits for
+    room (Celery's own start-up writes are refused) instead of exiting."""
+    worker = start_worker("full", queues=[QUEUE], env={"WORKER_MODELS": "linear:v1"})
+    worker.proc.send_signal(signal.SIGSTOP)  # requests pile up while it is frozen
+    try:
+        accepted = send(40)
+        wait_for(
+            lambda: (
+                registry.llen(QUEUE) + int(registry.hget(keys.HELD_COUNTS, "linear/v1") or 0) == 40
+            ),
+            what="40 queued or held",
+        )
+        used = int(registry.info("memory")["used_memory"])
+        registry.config_set("maxmemory-policy", "noeviction")
+        registry.config_set("maxmemory", used - 64 * 1024)  # full: every growing write refused
+        (refused,) = send()
+        with pytest.raises(BrokerUnavailableError, match="OOM"):
+            refused.get(timeout=10)
+        late = start_worker("late", queues=[QUEUE], wait=False)
+        waiting = wait_for(
+            lambda: "used memory > 'maxmemory'" in late.log() or not late.alive, timeout_s=60
+        )
+        assert waiting and late.alive, late.log()
+    finally:
+        worker.proc.send_signal(signal.SIGCONT)
+    answers = [r.get(timeout=60) for r in accepted]
+    assert len(answers) == 40 and all(len(a) == 4 for a in answers)
+    assert registry.llen(QUEUE) == 0 and worker.alive
+    assert registry.hget(keys.HELD_COUNTS, "linear/v1") is None
+    registry.config_set("maxmemory", 0)
+    late.wait_ready(registry)
