@@ -410,7 +410,7 @@ class ServingConsumer(Consumer):
         # control queue): Celery retries them as a lost connection instead of exiting. The
         # workers already running drain it (their scripts may write past the limit).
         self.connection_errors = (
-            *self.connection_errors,
+            *self.connection_errors,  # type: ignore[has-type]
             redis.exceptions.OutOfMemoryError,
             redis.exceptions.ExecAbortError,
         )
