@@ -35,7 +35,7 @@ import redis
 
 from bench.chaos_models import write_model
 from common import keys
-from common.redis import EmbeddedRedis, free_port
+from common.redis import EmbeddedRedis, die_with_parent, free_port
 from scaler.processes import PROJECT_ROOT
 
 RESULTS = PROJECT_ROOT / "bench" / "results" / "chaos.json"
@@ -247,6 +247,7 @@ class Stack:
         try:
             return subprocess.Popen(
                 [sys.executable, *argv], cwd=PROJECT_ROOT, env={**os.environ, **self.env, **env},
+                preexec_fn=die_with_parent,
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )  # fmt: skip
         finally:
@@ -297,7 +298,7 @@ class Stack:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "bench.chaos", "--produce", json.dumps(part)],
                     cwd=PROJECT_ROOT, env={**os.environ, **self.env},
-                    stdout=subprocess.DEVNULL, stderr=log, text=True,
+                    stdout=subprocess.DEVNULL, stderr=log, text=True, preexec_fn=die_with_parent,
                 )  # fmt: skip
             procs.append((proc, out))
         return procs

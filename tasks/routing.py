@@ -62,6 +62,8 @@ class RegistryView:
         self._ttl_s = ttl_s
         self._lock = threading.Lock()
         self._entries: dict[str, tuple[float, dict[str, Any]]] = {}
+        # Kept across ``forget`` (a Redis restart): what serves while the registry is gone.
+        self._last_seen: dict[str, dict[str, Any]] = {}
 
     def entry(self, name: str) -> Reads[dict[str, Any]]:
         now = time.monotonic()
@@ -74,10 +76,11 @@ class RegistryView:
             ("HGET", keys.TRAFFIC, name),
         ]
         if raw is None:
-            if not exists and cached is not None:
+            last = self._last_seen.get(name)
+            if not exists and last is not None:
                 # A Redis restarted without persistence lost the registry; the scaler and
                 # the workers publish it again within a tick: the last entry seen serves.
-                return cached[1]
+                return last
             if not exists:
                 raise RegistryUnavailableError(
                     "the model registry is empty: no worker or scaler has published the model "
@@ -96,6 +99,7 @@ class RegistryView:
                 entry["default_version"] = override["default_version"]
         with self._lock:
             self._entries[name] = (now, entry)
+            self._last_seen[name] = entry
         return entry
 
     def resolve(self, name: str, version: str | None) -> Reads[str]:

@@ -297,6 +297,7 @@ def test_a_registry_lost_with_redis_does_not_fail_a_producer_that_saw_it(
     seen, fresh = RegistryView(ttl_s=0), RegistryView(ttl_s=0)
     assert run_sync(seen.resolve("linear", None), execute) == "v1"
     registry.delete(keys.REGISTRY)
+    seen.forget()  # as a producer does when it sees Redis restarted
     assert run_sync(seen.resolve("linear", "v2"), execute) == "v2"
     with pytest.raises(RegistryUnavailableError, match="registry is empty"):
         run_sync(fresh.resolve("linear", None), execute)
