@@ -111,6 +111,7 @@ def produce(spec: dict[str, Any]) -> dict[str, Any]:
     ids = iter(range(first, first + count))
     records: list[tuple[int, float, str, float]] = []
     start = time.time() + 0.2
+    started = threading.Event()
 
     def caller() -> None:
         while True:
@@ -128,6 +129,9 @@ def produce(spec: dict[str, Any]) -> dict[str, Any]:
             except Exception as exc:
                 records.append((i, sent, f"{type(exc).__name__} at delay()", 0.0))
                 continue
+            if not started.is_set():
+                started.set()
+                Path(spec["out"] + ".started").touch()
             try:
                 out = result.get(timeout=timeout)
                 outcome = "answered" if int(out[0]) == i else "wrong"
@@ -302,6 +306,17 @@ class Stack:
                 )  # fmt: skip
             procs.append((proc, out))
         return procs
+
+    @staticmethod
+    def sending(procs: list[tuple[subprocess.Popen[str], Path]]) -> None:
+        """Until every producer has sent its first request (faults fall under load)."""
+        wait_for(
+            lambda: all(
+                Path(f"{out}.started").exists() or p.poll() is not None for p, out in procs
+            ),
+            120,
+            "the producers to send",
+        )
 
     @staticmethod
     def collect(procs: list[tuple[subprocess.Popen[str], Path]]) -> tuple[list[Any], int]:
@@ -495,6 +510,7 @@ def worker_kills(root: Path, quick: bool) -> Iterator[Tally]:
         spec = {"model": "echo", "first": 1, "count": total, "threads": 8,
                 "rate": (total / 3 if quick else 125.0)}  # fmt: skip
         procs = stack.producers(spec, 4)
+        stack.sending(procs)
         held_at_kill = 0
         kills: list[float] = []
         rng = random.Random(1)
@@ -572,6 +588,7 @@ def redis_restarts(root: Path, quick: bool) -> Iterator[Tally]:
             spec = {"model": "echo", "first": first, "count": total, "threads": 8,
                     "rate": total / seconds / 4, "timeout": timeout}  # fmt: skip
             procs = stack.producers(spec, 4)
+            stack.sending(procs)
             for sig in sigs:
                 time.sleep(2.0)
                 stack.server.restart(sig)
@@ -634,6 +651,7 @@ def frozen_worker(root: Path, quick: bool) -> Iterator[Tally]:
         warm(stack, 2)
         procs = stack.producers({"model": "echo", "first": 1, "count": total, "threads": 8,
                                  "rate": total / 14 / 4}, 4)  # fmt: skip
+        stack.sending(procs)
         time.sleep(3.0)
         victim, name = sorted(stack.serving().items())[0]
         held = int(stack.client.hlen(keys.HELD_PREFIX + name) or 0)
@@ -931,7 +949,13 @@ def redis_full(root: Path, quick: bool) -> Iterator[Tally]:
         tally.notes.append(f"maxmemory {limit / 2**20:.1f} MiB: {refused} refused "
                            f"({tally.errors}), {accepted} accepted")  # fmt: skip
         tally.executed_twice = stack.twice(range(1, total + 1))
+        at_delay = tally.errors.get("BrokerUnavailableError at delay()", 0)
+        tally.notes.append(
+            f"refused at delay(): {at_delay}; at get() (written before the first refusal "
+            f"was read): {refused - at_delay}"
+        )
         tally.aim("Redis filled: some refused, typed", refused > 0)
+        tally.aim("refused at delay() once refusing", refused - at_delay <= refused * 0.05)
         tally.aim("every accepted request answered", tally.answered == accepted and tally.lost == 0)
     finally:
         finish(tally, stack)

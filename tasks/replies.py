@@ -123,6 +123,7 @@ class ThreadChannel:
         self._busy = False
         self._sleepers = 0  # threads waiting for the socket
         self._resolved_elsewhere = False
+        self.refused = False  # the last request Redis acknowledged, it refused
         self._lost_at: float | None = None  # when unacknowledged requests lost their connection
         self.owner = threading.get_ident()
         self.outage = Outage("reply channel")
@@ -154,6 +155,9 @@ class ThreadChannel:
                 self._resolved_elsewhere = True
 
     def _on_acked(self, unacked: Unacked) -> None:
+        # While Redis refuses (full, read-only), requests wait for their answer in
+        # ``delay()``: the caller hears the refusal there, not at ``get()``.
+        self.refused = unacked.error is not None
         if unacked.error is not None:
             self._not_queued(unacked.tag, f"Redis refused it: {unacked.error}")
 

@@ -329,6 +329,9 @@ def test_a_full_redis_keeps_answering_what_it_accepted(
         (refused,) = send()
         with pytest.raises(BrokerUnavailableError, match="OOM"):
             refused.get(timeout=10)
+        # Once refused, the channel waits for Redis's answer: the error comes at delay().
+        with pytest.raises(BrokerUnavailableError, match="was not queued: Redis refused it: OOM"):
+            send()
         late = start_worker("late", queues=[QUEUE], wait=False)
         waiting = wait_for(
             lambda: "used memory > 'maxmemory'" in late.log() or not late.alive, timeout_s=60
