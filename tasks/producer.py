@@ -197,7 +197,7 @@ class Producer:
         try:
             if self._one_server:
                 channel.publish(prepared)  # acknowledged with the results that follow
-                if channel.refused:  # Redis refuses writes: wait for this one's answer
+                if channel.refusing:  # Redis refuses writes: wait for this one's answer
                     channel.flush(5.0)
                     if waiter.error is not None:
                         hub.discard(prepared.task_id)

@@ -94,6 +94,10 @@ class Published(Protocol):
         """A command answering 1 if Redis has the request."""
 
 
+# How long after a refusal requests wait for Redis's answer in ``delay()``.
+REFUSING_S = 1.0
+
+
 class _Waiter:
     __slots__ = ("__weakref__", "channel", "error", "generation", "raw")
 
@@ -123,7 +127,7 @@ class ThreadChannel:
         self._busy = False
         self._sleepers = 0  # threads waiting for the socket
         self._resolved_elsewhere = False
-        self.refused = False  # the last request Redis acknowledged, it refused
+        self._refused_at = -math.inf  # when Redis last refused a request written here
         self._lost_at: float | None = None  # when unacknowledged requests lost their connection
         self.owner = threading.get_ident()
         self.outage = Outage("reply channel")
@@ -155,11 +159,16 @@ class ThreadChannel:
                 self._resolved_elsewhere = True
 
     def _on_acked(self, unacked: Unacked) -> None:
-        # While Redis refuses (full, read-only), requests wait for their answer in
-        # ``delay()``: the caller hears the refusal there, not at ``get()``.
-        self.refused = unacked.error is not None
         if unacked.error is not None:
+            self._refused_at = time.monotonic()
             self._not_queued(unacked.tag, f"Redis refused it: {unacked.error}")
+
+    @property
+    def refusing(self) -> bool:
+        """Redis refused a request in the last second (full, read-only): until a second
+        passes without one, each request waits for Redis's answer in ``delay()``, so
+        that its caller hears a refusal there, not at ``get()``."""
+        return time.monotonic() - self._refused_at < REFUSING_S
 
     def _not_queued(self, request: Published, why: str) -> None:
         logger.warning("request %s was not queued: %s", request.task_id, why)
