@@ -422,6 +422,11 @@ class ScalerLoop:
                 view.fleet.pop(name)
                 view.snapshot.workers.pop(name, None)
                 view.snapshot.silent.pop(name, None)
+                # Its last report outlives it by a few seconds: gone now, so that its
+                # requests are failed over in this tick, not when the heartbeat expires.
+                view.reports.pop(name, None)
+                self.store.client.delete(keys.worker_report_key(name))
+                self.store.client.zrem(keys.WORKERS, name)
                 logger.info("worker %s has exited", name)
         for name, report in view.reports.items():
             if name in view.fleet:
