@@ -50,6 +50,7 @@ from common.errors import (
     UnknownModelError,
 )
 from common.settings import ApiSettings, api_settings, metrics_settings, serving_settings
+from loader.batching import numeric_array
 from loader.spec import NOT_FINITE, InputSchema
 from scaler.config import LoadBalancingStrategy
 from tasks.producer import Call, Pending, decode_result
@@ -534,7 +535,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
 
 def _as_array(inputs: list[Any], schema: InputSchema, *, single: bool) -> np.ndarray:
     try:
-        array = np.asarray(inputs, dtype=schema.np_dtype)
+        array = numeric_array(inputs, schema.np_dtype)
     except (TypeError, ValueError, OverflowError):
         raise _invalid(
             "inputs", f"not a numeric array of {schema.describe()}{'' if single else ' rows'}"

@@ -40,6 +40,16 @@ class OutputKind:
     TENSOR = "tensor"
 
 
+def numeric_array(inputs: Any, dtype: np.dtype[Any]) -> np.ndarray:
+    """Nested lists of numbers as an array of ``dtype``; anything else (text, even "1.5",
+    None, objects) raises ValueError instead of being converted."""
+    array = np.asarray(inputs)
+    if array.dtype.kind not in "biuf":
+        raise ValueError(f"{array.dtype} is not numeric")
+    with np.errstate(over="ignore"):  # too large for the dtype: inf, refused as not finite
+        return array.astype(dtype, copy=False)
+
+
 def as_rows(inputs: Any, schema: InputSchema, *, single: bool) -> tuple[np.ndarray, str]:
     """Validate one request's inputs against the schema: ``(rows, output kind)``.
 
@@ -60,7 +70,7 @@ def as_rows(inputs: Any, schema: InputSchema, *, single: bool) -> tuple[np.ndarr
         array = inputs
     else:
         try:
-            array = np.asarray(inputs, dtype=schema.np_dtype)
+            array = numeric_array(inputs, schema.np_dtype)
         except (TypeError, ValueError, OverflowError):
             raise SchemaError(
                 f"input is not a numeric array of {schema.describe()}"

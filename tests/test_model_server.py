@@ -180,3 +180,18 @@ def test_held_requests_run_in_priority_order(batcher: Any) -> None:
     first = min(o.started for o in outcomes.values())
     assert outcomes["urgent"].started == first  # in the first batch, though submitted last
     assert sum(1 for o in outcomes.values() if o.started == first) == 8
+
+
+def test_list_inputs_must_be_numbers() -> None:
+    """Text is not converted, even "1.5"; None and objects neither; numbers and booleans
+    of any kind are."""
+    from common.errors import SchemaError
+    from loader.batching import as_rows
+    from loader.spec import InputSchema
+
+    schema = InputSchema(dtype="float32", shape=[2])
+    rows, _ = as_rows([1, True], schema, single=True)
+    assert rows.dtype == np.float32 and rows.tolist() == [[1.0, 1.0]]
+    for bad in (["1.5", 2.0], [None, 1.0], [{"a": 1}, 1.0], [1.0, "x"]):
+        with pytest.raises(SchemaError, match="not a numeric array"):
+            as_rows(bad, schema, single=True)
