@@ -217,7 +217,7 @@ class ModelCache:
                 )
             else:
                 error = ModelLoadError(f"cannot load model {key}: {exc}")
-            module = None
+            module = None  # a module built before a warm-up failure: its memory goes now
             if self.on_load_failed is not None:
                 try:  # before the failure shows: what waits for the model is still here
                     self.on_load_failed(key, error)
