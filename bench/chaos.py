@@ -34,6 +34,7 @@ from typing import Any
 import redis
 
 from bench.chaos_models import write_model
+from bench.common import wait_for
 from common import keys
 from common.redis import EmbeddedRedis, die_with_parent, free_port
 from scaler.processes import PROJECT_ROOT
@@ -468,17 +469,6 @@ class Monitor:
         self._stop.set()
         self._thread.join(5)
         self.look()
-
-
-def wait_for(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def warm(stack: Stack, instances: int, first: int = 10_000_000) -> None:

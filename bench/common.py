@@ -96,14 +96,17 @@ def stack_env(repo: Path) -> Iterator[dict[str, str]]:
             server.__exit__(None, None, None)
 
 
-def wait_for(condition: Callable[[], Any], timeout_s: float = 120.0) -> Any:
+def wait_for(
+    condition: Callable[[], Any], timeout_s: float = 120.0, what: str = "the set-up"
+) -> Any:
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while True:
         value = condition()
         if value:
             return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s:g} s waiting for {what}")
         time.sleep(0.01)
-    raise TimeoutError("benchmark set-up timed out")
 
 
 def start_worker(

@@ -425,8 +425,10 @@ class ScalerLoop:
                 # Its last report outlives it by a few seconds: gone now, so that its
                 # requests are failed over in this tick, not when the heartbeat expires.
                 view.reports.pop(name, None)
-                self.store.client.delete(keys.worker_report_key(name))
-                self.store.client.zrem(keys.WORKERS, name)
+                broker.run(
+                    self.store.client,
+                    [("DEL", keys.worker_report_key(name)), ("ZREM", keys.WORKERS, name)],
+                )
                 logger.info("worker %s has exited", name)
         for name, report in view.reports.items():
             if name in view.fleet:

@@ -859,13 +859,6 @@ return moved
 """
 )
 
-# KEYS: leases. ARGV: consumer, lease seconds.
-_RENEW = """
-local t = redis.call('TIME')
-redis.call('ZADD', KEYS[1], tonumber(t[1]) + tonumber(ARGV[2]), ARGV[1])
-return 1
-"""
-
 # KEYS: registered shared queues, queues that get priorities, instance queues, held counts.
 # ARGV: priority suffixes. Returns {queue, depth, ...} for non-empty queues and the held
 # counts as {label, n, ...}: read in one step, so that nothing is counted twice or missed.
@@ -906,7 +899,7 @@ return #KEYS
 """
 
 # KEYS: the worker's report, the workers' set, leases. ARGV: report, its TTL, time, name,
-# lease seconds.
+# lease seconds. The lease is renewed only here: a worker that stops reporting loses it.
 _HEARTBEAT = """
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
@@ -942,7 +935,6 @@ FETCH = Script(_ALLOW_OOM + _FETCH)
 ACK = Script(_ALLOW_OOM + _ACK)
 RETURN = Script(_ALLOW_OOM + _RETURN)
 RELEASE = Script(_ALLOW_OOM + _RELEASE)
-RENEW = Script(_ALLOW_OOM + _RENEW)
 STORE = Script(_ALLOW_OOM + _STORE)
 HEARTBEAT = Script(_ALLOW_OOM + _HEARTBEAT)
 IN_FLIGHT_DONE = Script(_ALLOW_OOM + _IN_FLIGHT_DONE)
@@ -1114,10 +1106,6 @@ def presence_command(
     lists = dict.fromkeys([*queue_lists(queue), *queue_lists(shared_queue)])
     keys_ = [result_key(task_id), keys.LEASES, *lists]
     return ("EVAL", _PRESENT, len(keys_), *keys_, message, keys.HELD_PREFIX)
-
-
-def renew_command(consumer: str, lease_s: float) -> tuple[Any, ...]:
-    return RENEW.command([keys.LEASES], [consumer, lease_s])
 
 
 def in_flight_done_command(key: str, field: str, n: int) -> tuple[Any, ...]:
