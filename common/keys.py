@@ -173,3 +173,18 @@ def own_wake(hostname: str) -> str:
 
 def routing_state_key(name: str, version: str) -> str:
     return ROUTING_STATE.format(model=model_key_text(name, version))
+
+
+# Node agents (``celery -A workers node``), one per host: a sorted set of names by their
+# last report, each report (capacity, workers) with a TTL, and a command list per node.
+NODES = _NS + "nodes"
+NODE_REPORT = _NS + "node:{name}"
+NODE_COMMANDS = _NS + "node:{name}:commands"
+
+
+def node_report_key(name: str) -> str:
+    return NODE_REPORT.format(name=name)
+
+
+def node_commands_key(name: str) -> str:
+    return NODE_COMMANDS.format(name=name)

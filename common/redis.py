@@ -326,8 +326,10 @@ class EmbeddedRedis:
         port: int | None = None,
         binary: str | None = None,
         extra_args: list[str] | None = None,
+        bind: tuple[str, ...] = ("127.0.0.1",),
     ) -> None:
         self.binary = binary or find_server_binary()
+        self.bind = bind
         self.extra_args = list(extra_args or [])
         self.port = port or free_port()
         self._dir = tempfile.mkdtemp(prefix="embedded-redis-")
@@ -343,7 +345,7 @@ class EmbeddedRedis:
         args = [
             self.binary,
             "--port", str(self.port),
-            "--bind", "127.0.0.1",
+            "--bind", *self.bind,
             "--save", "",
             "--appendonly", "no",
             # Full, it refuses writes (producers hear it) instead of evicting requests.

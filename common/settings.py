@@ -116,11 +116,26 @@ class ScalerSettings(BaseSettings):
     # A JSON file with AutoscalerConfig's fields (SEED.md's names, nested sections).
     config_file: Path | None = None
     tick_interval_s: float | None = Field(None, gt=0)
-    backend: str | None = Field(None, pattern="^(local|static)$")
+    backend: str | None = Field(None, pattern="^(local|static|nodes)$")
     scale_to_zero_delay: float | None = Field(None, ge=0)
     max_workers: int | None = Field(None, ge=1)
     cold_start_strategy: str | None = None
     # Where the local backend writes its workers' logs; none: discarded.
+    log_dir: Path | None = None
+
+
+class NodeSettings(BaseSettings):
+    """A host's node agent (``celery -A workers node``): the workers it may run there."""
+
+    model_config = SettingsConfigDict(env_prefix="NODE_", extra="ignore")
+
+    # Its name in the scaler's placement and its workers' names; none: the hostname.
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    # Worker processes it runs at most; none: one per GPU, or on a host without one, 2.
+    max_workers: int | None = Field(None, ge=1)
+    report_interval_s: float = Field(1.0, gt=0)
+    # Its workers exit (warm shutdown) after Redis has been unreachable this long.
+    orphan_exit_s: float = Field(30.0, ge=0)
     log_dir: Path | None = None
 
 
@@ -193,6 +208,11 @@ def worker_settings() -> WorkerSettings:
 @lru_cache(maxsize=1)
 def scaler_settings() -> ScalerSettings:
     return _build(ScalerSettings)
+
+
+@lru_cache(maxsize=1)
+def node_settings() -> NodeSettings:
+    return _build(NodeSettings)
 
 
 @lru_cache(maxsize=1)

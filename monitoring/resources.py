@@ -61,6 +61,7 @@ def gpu_reading(index: int) -> dict[str, Any]:
             "gpu": index,
             "name": _text(nvml.nvmlDeviceGetName(handle)),
             "memory_used_bytes": int(memory.used),
+            "memory_free_bytes": int(memory.free),
             "memory_total_bytes": int(memory.total),
             "utilization_percent": int(util.gpu),
         }
@@ -81,3 +82,26 @@ def gpu_count() -> int:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def host_capacity() -> dict[str, Any]:
+    """What a host offers: CPUs, RAM (total and available) and each GPU's memory."""
+    memory = psutil.virtual_memory()
+    gpus = []
+    for index in range(gpu_count()):
+        reading = gpu_reading(index)
+        if reading.get("gpu") is not None:
+            gpus.append(
+                {
+                    "index": index,
+                    "name": reading["name"],
+                    "memory_total_bytes": reading["memory_total_bytes"],
+                    "memory_free_bytes": reading["memory_free_bytes"],
+                }
+            )
+    return {
+        "cpus": psutil.cpu_count() or 1,
+        "ram_total_bytes": int(memory.total),
+        "ram_available_bytes": int(memory.available),
+        "gpus": gpus,
+    }

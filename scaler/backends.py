@@ -42,8 +42,12 @@ class Backend(Protocol):
     def adopt(self, hostname: str, report: dict[str, Any]) -> FleetRecord | None: ...
 
 
-# The names of the workers a local backend starts.
+# The names of the workers a local backend (or a node agent) starts.
 WORKER_PREFIX = "scaled-"
+
+
+def new_hostname(host: str) -> str:
+    return f"{WORKER_PREFIX}{uuid.uuid4().hex[:8]}@{host}"
 
 
 class StaticBackend:
@@ -90,12 +94,13 @@ class LocalBackend:
         log_dir: Path | None = None,
         orphan_exit_s: float = 30.0,
         gpus: int | None = None,
+        host: str | None = None,
     ) -> None:
         self.store = store
         self.env = dict(env or {})
         self.log_dir = log_dir
         self.orphan_exit_s = orphan_exit_s
-        self.host = socket.gethostname()
+        self.host = host or socket.gethostname()
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         # One worker per GPU, pinned to it; none: CPU workers, as many as the scaler wants.
         self.gpus = gpu_count() if gpus is None else gpus
@@ -119,14 +124,20 @@ class LocalBackend:
             "WORKER_NVML_INDEX": str(index),
         }
 
-    def start(self, queues: list[str]) -> FleetRecord | None:
+    def start(
+        self,
+        queues: list[str],
+        *,
+        hostname: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> FleetRecord | None:
         gpu = None
         if self.gpus:
             gpu = self.free_gpu()
             if gpu is None:
                 logger.warning("every GPU of %s has its worker: not starting another", self.host)
                 return None
-        hostname = f"{WORKER_PREFIX}{uuid.uuid4().hex[:8]}@{self.host}"
+        hostname = hostname or new_hostname(self.host)
         # A worker with no model yet consumes only a queue of its own: it is the standby.
         own = f"worker.{hostname.split('@')[0]}"
         command = [
@@ -137,6 +148,7 @@ class LocalBackend:
         env = {
             **os.environ,
             **self.env,
+            **(env or {}),
             "WORKER_ORPHAN_EXIT_S": str(self.orphan_exit_s),
             **(self.gpu_env(gpu) if gpu is not None else {}),
             "PYTHONPATH": os.pathsep.join(
@@ -163,6 +175,7 @@ class LocalBackend:
             host=self.host,
             started_at=time.time(),
             queues=list(queues),
+            gpu=gpu,
         )
         self.store.fleet_add(record)
         logger.info(

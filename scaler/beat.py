@@ -20,6 +20,7 @@ from loader.repository import ModelRepository
 from scaler.backends import LocalBackend
 from scaler.config import AutoscalerConfig
 from scaler.loop import ScalerLoop, Waiter
+from scaler.node import NodeBackend
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,8 @@ def config_from_settings() -> AutoscalerConfig:
 
 
 def worker_env(config: AutoscalerConfig) -> dict[str, str]:
-    """Settings of the workers a local backend starts, from the scaler's config."""
+    """Settings of the workers the scaler starts (here or through node agents), from its
+    config."""
     zero, loading = config.zero_scaling, config.model_loading
     return {
         "WORKER_MAX_LOADED_MODELS": str(zero.max_loaded_models),
@@ -84,6 +86,8 @@ def build_loop(app: Any, config: AutoscalerConfig | None = None) -> ScalerLoop:
     )
     loop = ScalerLoop(config, client=client, app=app, repository=repository)
     warn_if_evicting(client)
+    if isinstance(loop.backend, NodeBackend):
+        loop.backend.env.update(worker_env(config))
     if isinstance(loop.backend, LocalBackend):
         loop.backend.env.update(worker_env(config))
         loop.backend.log_dir = scaler_settings().log_dir

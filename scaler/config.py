@@ -137,7 +137,9 @@ class AutoscalerConfig(_Config):
     tick_interval_s: float = Field(1.0, gt=0)
     target_load_per_instance: float = Field(32.0, gt=0)
     scale_down_stabilization_s: float = Field(30.0, ge=0)
-    backend: str = Field("local", pattern="^(local|static)$")
+    # local: worker processes on this host; nodes: on the hosts whose node agents report
+    # (``celery -A workers node``); static: a fixed fleet, retargeted only.
+    backend: str = Field("local", pattern="^(local|static|nodes)$")
     max_workers: int = Field(4, ge=1)
     # Seconds a worker may take from its process start to its first report.
     worker_start_timeout_s: float = Field(120.0, gt=0)

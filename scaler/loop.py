@@ -29,6 +29,7 @@ from monitoring.metrics import field as metric_field
 from scaler.backends import Backend, LocalBackend, StaticBackend
 from scaler.config import AutoscalerConfig
 from scaler.forecast import LEVEL_S, forecast_rates
+from scaler.node import NodeBackend
 from scaler.policy import (
     NEW_WORKER_PREFIX,
     Decision,
@@ -105,9 +106,7 @@ class ScalerLoop:
         self.config = config
         self.app = app
         self.store = ScalerStore(client)
-        self.backend: Backend = backend or (
-            LocalBackend(self.store) if config.backend == "local" else StaticBackend()
-        )
+        self.backend: Backend = backend or self._backend(config.backend)
         self.registry = RegistryPublisher(repository) if repository is not None else None
         self.state = PolicyState()
         self._sent: dict[tuple[str, str, str], float] = {}
@@ -138,6 +137,13 @@ class ScalerLoop:
             for_s=config.alert_for_seconds,
             min_samples=config.alert_min_samples,
         )
+
+    def _backend(self, kind: str) -> Backend:
+        if kind == "local":
+            return LocalBackend(self.store)
+        if kind == "nodes":
+            return NodeBackend(self.store)
+        return StaticBackend()
 
     # -- the run loop -----------------------------------------------------------------------
     def run_once(
