@@ -23,6 +23,15 @@ broker_url = _serving.redis_url
 result_backend = _serving.backend_url
 broker_use_ssl = _tls_options(broker_url)
 redis_backend_use_ssl = _tls_options(result_backend)
+
+
+def _sentinel_options() -> dict[str, object]:
+    # sentinel:// URLs (kombu's sentinel transport, Celery's sentinel result backend).
+    options: dict[str, object] = {"master_name": _serving.redis_sentinel_master}
+    if _serving.redis_sentinel_password:
+        options["sentinel_kwargs"] = {"password": _serving.redis_sentinel_password}
+    return options
+
 broker_connection_retry_on_startup = True
 # Keep reconnecting for as long as Redis is away: a restart is routine, never a worker exit.
 broker_connection_max_retries = None
@@ -45,7 +54,10 @@ worker_prefetch_multiplier = _worker.prefetch_count
 broker_transport_options = {
     "visibility_timeout": _serving.visibility_timeout_s,
     "queue_order_strategy": "priority",
+    **(_sentinel_options() if broker_url.startswith("sentinel://") else {}),
 }
+if result_backend.startswith("sentinel://"):
+    result_backend_transport_options = _sentinel_options()
 result_expires = _serving.result_expires_s
 
 # ``send_task("tasks.predict", ...)`` resolves and routes like ``predict.delay``.

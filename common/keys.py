@@ -175,6 +175,9 @@ def routing_state_key(name: str, version: str) -> str:
     return ROUTING_STATE.format(model=model_key_text(name, version))
 
 
+# Per model version ("name/version"): the most memory a load of it was measured to take.
+MODEL_BYTES = _NS + "model_bytes"
+
 # Node agents (``celery -A workers node``), one per host: a sorted set of names by their
 # last report, each report (capacity, workers) with a TTL, and a command list per node.
 NODES = _NS + "nodes"

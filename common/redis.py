@@ -20,9 +20,11 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import redis
 import redis.asyncio as aioredis
@@ -32,11 +34,105 @@ logger = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 
 
+SENTINEL_SCHEME = "sentinel://"
+
+
+@dataclass(frozen=True)
+class SentinelURL:
+    """Kombu's form: ``sentinel://[:password@]host:port[/db];sentinel://host:port;...``.
+    The password and db are the primary's; the master's name is a setting
+    (``REDIS_SENTINEL_MASTER``), as kombu's and Celery's ``master_name`` option."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = None
+    db: int = 0
+
+    @classmethod
+    def parse(cls, url: str) -> SentinelURL | None:
+        if not url.startswith(SENTINEL_SCHEME):
+            return None
+        sentinels, username, password, db = [], None, None, 0
+        for part in (p.strip() for p in url.split(";")):
+            if not part:
+                continue
+            parsed = urlparse(part)
+            if parsed.scheme != "sentinel" or not parsed.hostname:
+                raise ValueError(f"not a sentinel address: {part!r} (sentinel://host:port)")
+            sentinels.append((parsed.hostname, parsed.port or 26379))
+            username = username or (unquote(parsed.username) if parsed.username else None)
+            password = password or (unquote(parsed.password) if parsed.password else None)
+            if parsed.path.strip("/"):
+                db = int(parsed.path.strip("/"))
+        return cls(tuple(sentinels), username, password, db)
+
+    def connection_kwargs(self) -> dict[str, Any]:
+        return {"username": self.username, "password": self.password, "db": self.db}
+
+
+def sentinel_settings() -> tuple[str, dict[str, Any]]:
+    """The master's name and the sentinels' own login."""
+    from common.settings import serving_settings
+
+    settings = serving_settings()
+    password = settings.redis_sentinel_password
+    login = {"password": password} if password else {}
+    return settings.redis_sentinel_master, login
+
+
+def _sentinel_master(url: SentinelURL, options: dict[str, Any], asyncio: bool = False) -> Any:
+    """A client of the sentinels' current primary: every new connection asks them where
+    it is, so a failover is followed by the next reconnect."""
+    from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+    from redis.sentinel import Sentinel
+
+    name, login = sentinel_settings()
+    timeout = options.get("socket_connect_timeout", 5)
+    sentinel_kwargs = {"socket_timeout": timeout, "socket_connect_timeout": timeout, **login}
+    cls = AsyncSentinel if asyncio else Sentinel
+    sentinel = cls(list(url.sentinels), sentinel_kwargs=sentinel_kwargs)
+    return sentinel.master_for(name, **url.connection_kwargs(), **options)
+
+
+def discover_primary(url: SentinelURL, timeout_s: float = 5.0) -> tuple[str, int]:
+    """Where the sentinels say the primary is now (``MasterNotFoundError``, a
+    ``ConnectionError``, when none answers)."""
+    from redis.sentinel import Sentinel
+
+    name, login = sentinel_settings()
+    kwargs = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s, **login}
+    sentinel = Sentinel(list(url.sentinels), sentinel_kwargs=kwargs)
+    try:
+        host, port = sentinel.discover_master(name)
+    finally:
+        for client in sentinel.sentinels:
+            client.close()
+    return str(host), int(port)
+
+
 def redis_client(url: str, **kwargs: object) -> redis.Redis:
-    """A client for ``url`` (redis://, rediss:// with TLS, unix://; passwords in the URL)."""
-    options: dict[str, object] = {"health_check_interval": 30, "socket_connect_timeout": 5}
+    """A client for ``url`` (redis://, rediss:// with TLS, unix://, sentinel:// for the
+    sentinels' primary; passwords in the URL)."""
+    options: dict[str, Any] = {"health_check_interval": 30, "socket_connect_timeout": 5}
     options.update(kwargs)
+    sentinel = SentinelURL.parse(url)
+    if sentinel is not None:
+        return _sentinel_master(sentinel, options)
     return redis.Redis.from_url(url, **options)
+
+
+def connection_pool(url: str, **options: Any) -> redis.ConnectionPool:
+    sentinel = SentinelURL.parse(url)
+    if sentinel is not None:
+        return _sentinel_master(sentinel, options).connection_pool
+    return redis.ConnectionPool.from_url(url, **options)
+
+
+def async_connection_pool(url: str, **options: Any) -> aioredis.ConnectionPool:
+    sentinel = SentinelURL.parse(url)
+    if sentinel is not None:
+        return _sentinel_master(sentinel, options, asyncio=True).connection_pool
+    return aioredis.ConnectionPool.from_url(url, **options)
 
 
 Command = Sequence[Any]
@@ -178,7 +274,7 @@ class ThreadLinks:
     ) -> None:
         options: dict[str, Any] = {"socket_connect_timeout": 5, "socket_timeout": 30}
         options.update(kwargs)
-        self.pool = redis.ConnectionPool.from_url(url, **options)
+        self.pool = connection_pool(url, **options)
         self.on_noscript = on_noscript
         self.resend_once = resend_once
         self._local = threading.local()
@@ -203,7 +299,7 @@ class AsyncLink:
         options: dict[str, Any] = {"socket_connect_timeout": 5, "socket_timeout": 30}
         options.update(kwargs)
         self.url = url
-        self.pool = aioredis.ConnectionPool.from_url(url, **options)
+        self.pool = async_connection_pool(url, **options)
         self._conn: Any = None
         self._pending: list[tuple[Sequence[Command], Any]] = []
         self._flushing = False

@@ -24,6 +24,8 @@ import hiredis
 import redis
 from redis.connection import parse_url
 
+from common.redis import SentinelURL, discover_primary
+
 Command = Sequence[Any]
 Push = list[Any]
 
@@ -43,9 +45,20 @@ class Endpoint:
     tls: ssl.SSLContext | None = None
     connect_timeout_s: float = 5.0
     options: dict[str, Any] = field(default_factory=dict)
+    # sentinel://: the primary's address is asked of the sentinels at every connect.
+    sentinel: SentinelURL | None = None
 
     @classmethod
     def from_url(cls, url: str, *, connect_timeout_s: float = 5.0) -> Endpoint:
+        sentinel = SentinelURL.parse(url)
+        if sentinel is not None:
+            return cls(
+                db=sentinel.db,
+                username=sentinel.username,
+                password=sentinel.password,
+                connect_timeout_s=connect_timeout_s,
+                sentinel=sentinel,
+            )
         parsed = parse_url(url)
         tls = None
         if url.startswith("rediss://"):
@@ -79,7 +92,12 @@ class Endpoint:
             commands.append(("SELECT", self.db))
         return commands
 
+    def _follow_primary(self) -> None:
+        if self.sentinel is not None:
+            self.host, self.port = discover_primary(self.sentinel, self.connect_timeout_s)
+
     def connect(self) -> socket.socket:
+        self._follow_primary()
         try:
             if self.path is not None:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -96,6 +114,8 @@ class Endpoint:
             raise redis.ConnectionError(f"cannot connect to Redis: {exc}") from exc
 
     async def open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self.sentinel is not None:
+            await asyncio.to_thread(self._follow_primary)
         try:
             if self.path is not None:
                 opening = asyncio.open_unix_connection(self.path)

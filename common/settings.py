@@ -32,6 +32,14 @@ class ServingSettings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", protected_namespaces=())
 
     redis_url: str = DEFAULT_REDIS_URL
+    # With REDIS_URL=sentinel://host:port;sentinel://host:port;...: the name the sentinels
+    # monitor the primary under, and their own password if they have one.
+    redis_sentinel_master: str = "mymaster"
+    redis_sentinel_password: str | None = None
+    # How long a producer's call tries again while no Redis answers before it refuses
+    # (BrokerUnavailableError); none: 10 s with sentinels (a failover takes a few
+    # seconds), 0 without (a lone Redis that is away is refused at once).
+    publish_wait_s: float | None = Field(None, ge=0)
     # Results may live elsewhere; by default they share the broker's server.
     result_backend_url: str | None = None
     model_repository: Path = Path("model_repository")
@@ -49,6 +57,12 @@ class ServingSettings(BaseSettings):
     task_events: bool = False
 
     _split = field_validator("model_factory_modules", mode="before")(_split_commas)
+
+    @property
+    def publish_wait(self) -> float:
+        if self.publish_wait_s is not None:
+            return self.publish_wait_s
+        return 10.0 if self.redis_url.startswith("sentinel://") else 0.0
 
     @property
     def backend_url(self) -> str:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 from torch import nn
 
@@ -53,6 +54,9 @@ class CachedModel:
     spec: ModelSpec | None = None
     module: nn.Module | None = None
     bytes: int = 0
+    # What the load really took on its device: the CUDA allocator's delta, or on the CPU
+    # the process's RSS delta (concurrent loads share it out roughly).
+    measured_bytes: int = 0
     load_time_s: float = 0.0
     last_used: float = 0.0
     busy: int = 0
@@ -195,6 +199,7 @@ class ModelCache:
         try:
             spec = self.repository.spec(*key)
             started = time.perf_counter()
+            before = memory_in_use(self.device)
             module = load_module(spec, self.repository.model_file(*key, spec), self.device)
             size = module_bytes(module)
             self._reserve(entry, size)
@@ -207,6 +212,7 @@ class ModelCache:
                 )
                 with torch.inference_mode():
                     module(warm)
+            measured = max(memory_in_use(self.device) - before, 0)
             load_time = time.perf_counter() - started
         except Exception as exc:
             if isinstance(exc, InferenceError):
@@ -239,6 +245,7 @@ class ModelCache:
                 entry.spec = spec
                 entry.module = module
                 entry.bytes = size
+                entry.measured_bytes = measured
                 entry.load_time_s = load_time
                 entry.last_used = self._clock()
                 self.loads += 1
@@ -321,6 +328,7 @@ class ModelCache:
                 if entry.state is ModelState.READY:
                     row.update(
                         bytes=entry.bytes,
+                        measured_bytes=entry.measured_bytes,
                         load_time_s=round(entry.load_time_s, 4),
                         idle_s=round(now - entry.last_used, 3),
                         busy=entry.busy,
@@ -341,6 +349,13 @@ class ModelCache:
 
 def _torch_dtype(spec: ModelSpec) -> torch.dtype:
     return torch.from_numpy(np.zeros(0, dtype=spec.input.np_dtype)).dtype
+
+
+def memory_in_use(device: torch.device) -> int:
+    """Bytes this process holds on ``device``: the CUDA allocator's, or its RSS."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    return int(psutil.Process().memory_info().rss)
 
 
 def _free_memory(device: torch.device) -> None:

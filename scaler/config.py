@@ -86,6 +86,9 @@ class ModelLoaderConfig(_Config):
     min_instances_per_model: int = Field(1, ge=0)
     default_instances_per_model: int = Field(1, ge=1)
     concurrent_loads: int = Field(2, ge=1)
+    # Memory kept free on a device when placing a version there, beyond what its loads
+    # were measured to take.
+    memory_margin_mb: float = Field(256.0, ge=0)
     load_timeout_seconds: float = Field(300.0, gt=0)
     warmup_timeout_seconds: float = Field(60.0, gt=0)
     enable_model_caching: bool = True

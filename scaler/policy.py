@@ -65,6 +65,9 @@ class WorkerInfo:
     rss_bytes: int = 0
     model_bytes: tuple[tuple[ModelKey, int], ...] = ()
     rows: tuple[tuple[ModelKey, int], ...] = ()
+    # Memory a new version could take on its device (NVML free on a GPU, available RAM on
+    # the CPU); None: not reported.
+    free_bytes: int | None = None
 
     def busy_on(self, key: ModelKey) -> int:
         return dict(self.busy).get(key, 0)
@@ -77,7 +80,8 @@ class WorkerInfo:
 @dataclass(frozen=True)
 class Snapshot:
     now: float
-    # Every registered model version and its size estimate (bytes of weights).
+    # Every registered model version and its size: the memory a load of it was measured
+    # to take, else the estimate (bytes of weights).
     models: dict[ModelKey, int]
     # Requests waiting in a version's queues, and held by workers (taken, not answered):
     # exact counts, read in one atomic step.
@@ -477,13 +481,28 @@ def _place(
         config.zero_scaling.max_loaded_models,
     )
 
+    margin = int(config.model_loading.memory_margin_mb * 1024**2)
+
     def fits(name: str, key: ModelKey) -> bool:
         cap_bytes, cap_models = capacity.get(name, new_capacity)
         held = assign[name]
         return (
             len(held) < cap_models
             and sum(size.get(k, 0) for k in held) + size.get(key, 0) <= cap_bytes
+            and fits_device(name, key)
         )
+
+    def fits_device(name: str, key: ModelKey) -> bool:
+        """The device's free memory, with the margin, takes the version and the others
+        placed there this tick; what the worker holds but is no longer assigned is
+        unloaded (its memory counts as free)."""
+        worker = workers.get(name)
+        if worker is None or worker.free_bytes is None or key in worker.loaded:
+            return True
+        held = assign[name]
+        incoming = sum(size.get(k, 0) for k in held if k not in worker.loaded)
+        reclaimed = sum(b for k, b in worker.model_bytes if k not in held)
+        return size.get(key, 0) + incoming + margin <= worker.free_bytes + reclaimed
 
     unplaced: dict[ModelKey, int] = {}
     new_workers = 0

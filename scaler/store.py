@@ -104,6 +104,8 @@ class ScalerStore:
         self._registry_stamp: bytes | None = None
         self._registry: dict[str, dict[str, Any]] = {}
         self._sizes: dict[ModelKey, int] = {}
+        self._measured: dict[ModelKey, int] = {}
+        self._measured_read = False
         self._overrides: dict[ModelKey, dict[str, float]] = {}
         self.id = uuid.uuid4().hex
 
@@ -158,9 +160,10 @@ class ScalerStore:
         }
         fleet = {h.decode(): FleetRecord.from_json(raw) for h, raw in fleet_raw.items()}
         counts = broker.parse_load(load)
+        self._learn_bytes(reports)
         snapshot = Snapshot(
             now=now,
-            models=dict(self._sizes),
+            models={k: self._measured.get(k, n) for k, n in self._sizes.items()},
             queued={ModelKey.parse(k): n for k, n in counts.queued.items()},
             held={ModelKey.parse(k): n for k, n in counts.held.items()},
             workers=self._workers(reports, fleet, now),
@@ -191,6 +194,27 @@ class ScalerStore:
             for n, r in zip(names, raws, strict=True)
             if r is not None and is_alive(report := json.loads(r), now)
         }
+
+    def _learn_bytes(self, reports: dict[str, dict[str, Any]]) -> None:
+        """Per version, the most memory a load was measured to take, kept in Redis (a new
+        scaler starts from it)."""
+        if self._measured_read is False:
+            raw = self.client.hgetall(keys.MODEL_BYTES)
+            self._measured = {parse_key(keys.text(k)): int(v) for k, v in raw.items()}
+            self._measured_read = True
+        learned: dict[str, int] = {}
+        for report in reports.values():
+            for model in report.get("models", []):
+                key = ModelKey(model["name"], model["version"])
+                measured = int(model.get("measured_bytes", 0))
+                if measured > self._measured.get(key, 0):
+                    self._measured[key] = measured
+                    learned[keys.model_key_text(*key)] = measured
+        if learned:
+            pipe = self.client.pipeline(transaction=False)
+            for text, measured in learned.items():
+                pipe.hset(keys.MODEL_BYTES, text, measured)
+            pipe.execute()
 
     def registered(self) -> list[ModelKey]:
         return list(self._sizes)
@@ -268,6 +292,9 @@ class ScalerStore:
                 rows=tuple(
                     (parse_key(text), int(stats.get("rows", 0)))
                     for text, stats in report.get("batching", {}).items()
+                ),
+                free_bytes=(
+                    int(report["device_free_bytes"]) if "device_free_bytes" in report else None
                 ),
             )
         for name, record in fleet.items():

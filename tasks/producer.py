@@ -185,7 +185,21 @@ class Producer:
 
     def send(self, call: Call, app: Any) -> broker.InferenceResult:
         """Publish from this thread; the result comes back on the thread's channel (the
-        same connection, when the result backend is the broker's server)."""
+        same connection, when the result backend is the broker's server). Redis
+        unreachable: tried again for ``publish_wait_s`` (a Sentinel failover), then
+        refused."""
+        deadline = time.monotonic() + self.settings.publish_wait
+        pause = 0.05
+        while True:
+            try:
+                return self._send(call, app)
+            except BrokerUnavailableError as exc:
+                if not unreachable(exc) or time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.5)
+
+    def _send(self, call: Call, app: Any) -> broker.InferenceResult:
         hub = replies_for(self.settings.backend_url)
         channel = hub.channel()
         execute = channel.execute if self._one_server else self.links.execute
@@ -211,6 +225,11 @@ class Producer:
             ) from exc
         # The waiter stays registered as long as the result object lives.
         return broker.InferenceResult.sent(prepared.task_id, app, hub, waiter)
+
+
+def unreachable(exc: BaseException) -> bool:
+    """A refusal because no Redis answered (not one that Redis gave)."""
+    return isinstance(exc.__cause__, (redis.ConnectionError, redis.TimeoutError))
 
 
 _producer: Producer | None = None
@@ -289,6 +308,19 @@ class AsyncInferenceClient:
             raise BrokerUnavailableError(f"Redis is unreachable: {exc}") from exc
 
     async def submit(self, call: Call) -> Pending:
+        """As ``Producer.send``: Redis unreachable, tried again for ``publish_wait_s``."""
+        deadline = time.monotonic() + self.producer.settings.publish_wait
+        pause = 0.05
+        while True:
+            try:
+                return await self._submit(call)
+            except BrokerUnavailableError as exc:
+                if not unreachable(exc) or time.monotonic() + pause > deadline:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.5)
+
+    async def _submit(self, call: Call) -> Pending:
         if not self.replies.ready:
             await self.replies.start()
         prepared = await self.lookup(self.producer.prepare(call, self.replies.name))

@@ -226,7 +226,8 @@ class ThreadChannel:
         now = time.monotonic()
         if self._lost_at is None:
             self._lost_at = now
-        if now - self._lost_at >= ORPHAN_GRACE_S:
+        # With sentinels, as long as a producer waits for a new primary (publish_wait_s).
+        if now - self._lost_at >= max(ORPHAN_GRACE_S, self.hub.orphan_grace_s):
             orphans, self.conn.orphans = self.conn.orphans, []
             for orphan in orphans:
                 self._not_queued(
@@ -437,6 +438,9 @@ class ReplyHub:
     def __init__(self, url: str) -> None:
         self.url = url
         self.endpoint = Endpoint.from_url(url)
+        from common.settings import serving_settings
+
+        self.orphan_grace_s = serving_settings().publish_wait
         self.client = redis_client(url, socket_timeout=10)
         self._waiters: weakref.WeakValueDictionary[str, _Waiter] = weakref.WeakValueDictionary()
         self._local = threading.local()

@@ -20,6 +20,7 @@ import threading
 import time
 from typing import Any
 
+import psutil
 import redis
 from celery import bootsteps, signals
 from celery.worker.consumer import Consumer
@@ -186,6 +187,13 @@ class Reporter:
             "latency_ms": {"p50": stats.latency_ms(0.5), "p99": stats.latency_ms(0.99)},
             "resources": self.sampler.sample(),
             "device_memory": device_reading,
+            # What a new model could take here: NVML's free memory of this GPU, or the
+            # host's available RAM.
+            "device_free_bytes": int(
+                device_reading["memory_free_bytes"]
+                if device_reading.get("gpu") is not None
+                else psutil.virtual_memory().available
+            ),
             "health": "degraded" if unhealthy else "ok",
             # Its consumer listens for remote control (add_consumer, preload_model).
             "ready": self.ready,

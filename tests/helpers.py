@@ -20,9 +20,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def wait_for(
-    condition: Callable[[], Any], *, timeout_s: float = 30.0, what: str = "condition"
+    condition: Callable[[], Any],
+    *,
+    timeout_s: float = 30.0,
+    what: str | Callable[[], str] = "condition",
 ) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout_s``."""
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout_s``
+    (``what`` may be a function: what to tell, read when it failed)."""
     deadline = time.monotonic() + timeout_s
     delay = 0.01
     while True:
@@ -30,7 +34,8 @@ def wait_for(
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+            told = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {told}")
         time.sleep(delay)
         delay = min(delay * 1.5, 0.2)
 

@@ -119,9 +119,13 @@ def test_nodes_report_capacity_and_the_scaler_places_workers_on_both_hosts(
         timeout_s=120,
         what=f"example/v1 served on host1 and host2\n{beat.log()}",
     )
+    reports = worker_reports(client)
     for worker, host in serving_hosts(client, "example/v1").items():
         assert worker.endswith(f"@{host}")
         assert json.loads(client.hget(keys.FLEET, worker))["host"] == host
+        # What placement reads: the device's free memory, the bytes each load took.
+        assert reports[worker]["device_free_bytes"] > 0
+        assert all(m["measured_bytes"] >= 0 for m in reports[worker]["models"])
 
     results = [predict.delay("example", np.full(3, i, np.float32)) for i in range(200)]
     answered_by = {r.get(timeout=60) is not None and r._get_task_meta()["worker"] for r in results}

@@ -318,6 +318,43 @@ def test_placement_never_exceeds_a_workers_memory_or_slots(
     assert len(infos) + plan.start_workers <= cfg.max_workers
 
 
+def test_a_version_goes_only_where_its_measured_bytes_fit_the_free_memory() -> None:
+    """Placement by measured memory: the version's bytes plus the margin must fit the
+    device's free memory; what the worker holds and no longer serves counts as free."""
+    cfg = config(max_workers=3, loading={"memory_margin_mb": 1.0})
+    mb = 1024**2
+    models = {A: 100 * mb, B: 300 * mb}
+    full = WorkerInfo("w-full", free_bytes=200 * mb)  # B (300 MB) does not fit here
+    roomy = WorkerInfo("w-roomy", free_bytes=400 * mb)
+    snapshot = Snapshot(now=0.0, models=models, workers={"w-full": full, "w-roomy": roomy},
+                        pins={B: 1})  # fmt: skip
+    plan, _ = decide(snapshot, cfg, PolicyState())
+    assert B in plan.assignments["w-roomy"] and B not in plan.assignments["w-full"]
+
+    # Nowhere with room: a new worker (another device) rather than an overfull one.
+    tight = replace(snapshot, workers={"w-full": full})
+    plan, _ = decide(tight, cfg, PolicyState())
+    assert B not in plan.assignments["w-full"] and plan.start_workers == 1
+
+    # The margin counts: 300 MB free is not enough for 300 MB and a 1 MB margin.
+    exact = replace(snapshot, workers={"w-full": replace(full, free_bytes=300 * mb)})
+    plan, _ = decide(exact, cfg, PolicyState())
+    assert B not in plan.assignments["w-full"]
+
+    # A version it holds but no longer serves is unloaded: its memory makes the room.
+    holding = replace(
+        full, loaded=frozenset({A}), model_bytes=((A, 150 * mb),), free_bytes=200 * mb
+    )
+    evicting = replace(snapshot, workers={"w-full": holding})
+    plan, _ = decide(evicting, cfg, PolicyState())
+    assert plan.assignments["w-full"] == frozenset({B})
+
+    # A version already loaded needs no more room.
+    loaded = replace(full, loaded=frozenset({B}), model_bytes=((B, 300 * mb),), free_bytes=0)
+    plan, _ = decide(replace(snapshot, workers={"w-full": loaded}), cfg, PolicyState())
+    assert B in plan.assignments["w-full"]
+
+
 def test_an_unhealthy_instance_is_replaced_elsewhere_and_not_placed_back() -> None:
     cfg = config(max_workers=3)
     sick = WorkerInfo("w-sick", serving=frozenset({A}), loaded=frozenset({A}),

@@ -301,3 +301,21 @@ def test_a_version_taken_to_zero_leaves_the_served_set_in_the_same_tick(
     plan = loop.tick(time.time()).plan
     assert plan is not None and linear not in plan.assignments.get("a", set())
     assert client.smembers(keys.SERVED) == set()
+
+
+def test_measured_model_bytes_are_learned_and_kept_in_redis(client: redis.Redis) -> None:
+    from common import keys
+    from scaler.store import ScalerStore
+
+    def report(measured: int) -> dict[str, Any]:
+        return {"models": [{"name": "a", "version": "v1", "measured_bytes": measured}]}
+
+    store = ScalerStore(client)
+    store._learn_bytes({"w1": report(500), "w2": report(700)})
+    assert int(client.hget(keys.MODEL_BYTES, "a/v1")) == 700  # the most it took
+    store._learn_bytes({"w1": report(300)})
+    assert int(client.hget(keys.MODEL_BYTES, "a/v1")) == 700
+    # A new scaler starts from what Redis keeps.
+    fresh = ScalerStore(client)
+    fresh._learn_bytes({})
+    assert fresh._measured == {ModelKey("a", "v1"): 700}
