@@ -32,6 +32,7 @@ def _sentinel_options() -> dict[str, object]:
         options["sentinel_kwargs"] = {"password": _serving.redis_sentinel_password}
     return options
 
+
 broker_connection_retry_on_startup = True
 # Keep reconnecting for as long as Redis is away: a restart is routine, never a worker exit.
 broker_connection_max_retries = None

@@ -154,13 +154,16 @@ def main() -> int:
                 names = {m["name"] for m in report.get("models", [])}
                 return report if names >= set(SHAPES) else None
 
-            for model in SHAPES:
-                app.control.broadcast(
-                    "preload_model",
-                    arguments={"model": model, "version": "v1"},
-                    destination=[hostname],
-                    reply=False,
-                )
+            def every_model(command: str) -> None:
+                for model in SHAPES:
+                    app.control.broadcast(
+                        command,
+                        arguments={"model": model, "version": "v1"},
+                        destination=[hostname],
+                        reply=False,
+                    )
+
+            every_model("preload_model")
             report = wait_for(loaded, 180, "both models loaded")
             measured = {m["name"]: m["measured_bytes"] for m in report["models"]}
             checks.check(
@@ -198,13 +201,7 @@ def main() -> int:
                 print(f"     {rows[-1]}", flush=True)
             checks.check("serving benchmark ran", True, rows=rows)
 
-            for model in SHAPES:
-                app.control.broadcast(
-                    "unload_model",
-                    arguments={"model": model, "version": "v1"},
-                    destination=[hostname],
-                    reply=False,
-                )
+            every_model("unload_model")
 
             def unloaded() -> dict[str, Any] | None:
                 report = json.loads(client.get(keys.worker_report_key(hostname)) or b"{}")

@@ -73,6 +73,7 @@ class Reporter:
         self.client = redis_client(serving.redis_url, socket_timeout=5)
         self.sampler = ProcessSampler()
         self.started_at = time.time()
+        self.prewarm: threading.Thread | None = None
         self._stop = threading.Event()
         self._nudged = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="worker-report", daemon=True)
@@ -197,6 +198,8 @@ class Reporter:
             "health": "degraded" if unhealthy else "ok",
             # Its consumer listens for remote control (add_consumer, preload_model).
             "ready": self.ready,
+            # Paying a model format's first-use cost (a CPU's seconds, once, at start).
+            "prewarming": self.prewarm is not None and self.prewarm.is_alive(),
             # Per loaded model version: healthy / unhealthy / retrying, failures, reason.
             "instances_health": health,
             # Seconds of metrics given up while Redis was unreachable for over a minute.
@@ -357,9 +360,10 @@ class ModelServing(bootsteps.StartStopStep):
         except Exception as exc:
             logger.warning("worker %s could not publish the registry: %s", worker.hostname, exc)
         repository = self.server.repository  # read in the thread: a large one takes a while
-        threading.Thread(
+        self.reporter.prewarm = threading.Thread(
             target=lambda: prewarm(repository.formats()), name="prewarm", daemon=True
-        ).start()
+        )
+        self.reporter.prewarm.start()
         for spec in self.preload:
             name, _, version = spec.partition(":")
             try:

@@ -18,6 +18,7 @@ from common.settings import (
     ApiSettings,
     FlowerSettings,
     MetricsSettings,
+    NodeSettings,
     ScalerSettings,
     ServingSettings,
     WorkerSettings,
@@ -32,7 +33,7 @@ def known_variables() -> set[str]:
     names = set()
     for cls in (
         ServingSettings, WorkerSettings, ScalerSettings, FlowerSettings, MetricsSettings,
-        ApiSettings,
+        ApiSettings, NodeSettings,
     ):  # fmt: skip
         prefix = cls.model_config.get("env_prefix", "")
         names |= {f"{prefix}{field}".upper() for field in cls.model_fields}
@@ -110,3 +111,25 @@ def test_flower_listens_on_loopback_by_default(redis_server: Any, tmp_path: Path
     finally:
         flower.terminate()
         flower.wait(10)
+
+
+def test_the_gpu_host_compose_runs_the_node_agent_with_every_gpu() -> None:
+    node_compose = yaml.safe_load((ROOT / "deploy" / "node-compose.yml").read_text())
+    node = node_compose["services"]["node"]
+    assert node["command"][:4] == ["celery", "-A", "workers", "node"]
+    assert (ROOT / node["build"].replace("..", ".") / "Dockerfile").is_file()
+    known = known_variables()
+    for variable in node["environment"]:
+        assert variable in known, f"node: {variable} is not a setting"
+    assert "REDIS_URL" in node["environment"] and ":?" in node["environment"]["REDIS_URL"]
+    devices = node["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["count"] == "all" and devices[0]["capabilities"] == ["gpu"]
+    assert node["volumes"][0].split(":")[0] == "../model_repository"
+    # The agent is a Celery sub-command this install registers.
+    out = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "workers", "node", "--help"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0 and "node agent" in out.stdout, out.stderr
+    unit = (ROOT / "deploy" / "inference-node.service").read_text()
+    assert "celery -A workers node" in unit and "KillSignal=SIGTERM" in unit
