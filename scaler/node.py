@@ -27,6 +27,7 @@ import redis
 from celery.bin.base import CeleryCommand
 
 from common import keys
+from common.contracts import is_alive
 from common.redis import Outage, redis_client
 from monitoring.resources import gpu_count, host_capacity
 from scaler.backends import LocalBackend, _pid_alive, new_hostname
@@ -291,7 +292,8 @@ class NodeBackend:
         if node is None:
             # The node is silent (its host lost, or only its link to Redis): its worker is
             # alive for as long as it reports itself.
-            return bool(self.store.client.exists(keys.worker_report_key(record.hostname)))
+            raw = self.store.client.get(keys.worker_report_key(record.hostname))
+            return raw is not None and is_alive(json.loads(raw), time.time())
         if record.hostname in node.get("workers", {}):
             return True
         return time.time() - record.started_at < START_GRACE_S

@@ -179,6 +179,7 @@ def test_a_lost_host_s_requests_are_answered_elsewhere_and_it_rejoins(
         timeout_s=60,
         what=f"example/v1 placed on {spare.name}\n{beat.log()}",
     )
+    replacement = next(r for r in worker_reports(client).values() if r["host"] == spare.name)
     lost = 0
     waits = []
     for at, result in sent:
@@ -194,7 +195,8 @@ def test_a_lost_host_s_requests_are_answered_elsewhere_and_it_rejoins(
             waits.append(datetime.fromisoformat(meta["date_done"]).timestamp() - at)
     print(
         f"\nhost {how}: {len(sent)} requests, lost {lost}, longest wait of those sent from "
-        f"1 s before the loss {max(waits):.2f} s"
+        f"1 s before the loss {max(waits):.2f} s; its replacement on {spare.name} up "
+        f"(reporting) {replacement['started_at'] - lost_at:.2f} s after the loss"
     )
     assert lost == 0
     # Answered elsewhere within 5 s plus a model load (the example loads in well under 5 s).
