@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from common.contracts import ModelKey
@@ -68,6 +69,9 @@ class WorkerInfo:
     # Memory a new version could take on its device (NVML free on a GPU, available RAM on
     # the CPU); None: not reported.
     free_bytes: int | None = None
+    # Seconds since each loaded version last ran here: the least recently used is evicted
+    # first when a version with requests waiting needs the room.
+    idle_s: tuple[tuple[ModelKey, float], ...] = ()
 
     def busy_on(self, key: ModelKey) -> int:
         return dict(self.busy).get(key, 0)
@@ -549,6 +553,8 @@ def _place(
             new_workers += 1
             assign[name] = {key}
             missing -= 1
+        if missing and snapshot.load(key) > 0:
+            missing = _make_room(snapshot, key, missing, candidates, assign, fits, decisions)
         if missing:
             unplaced[key] = missing
 
@@ -611,6 +617,54 @@ def _absorbed(snapshot: Snapshot, config: AutoscalerConfig, desired: dict[ModelK
         for k, n in desired.items()
         if n > 0
     )
+
+
+def _make_room(
+    snapshot: Snapshot,
+    key: ModelKey,
+    missing: int,
+    candidates: list[str],
+    assign: dict[str, set[ModelKey]],
+    fits: Callable[[str, ModelKey], bool],
+    decisions: list[Decision],
+) -> int:
+    """No worker has room and no new one may start: on a worker, the versions with nothing
+    waiting or running give way to ``key`` (which has requests waiting), least recently
+    used first, until it fits. Returns the instances still missing."""
+    for name in candidates:
+        if missing == 0:
+            break
+        worker = snapshot.workers[name]
+        if worker.starting or key in assign[name]:
+            continue
+        idle = dict(worker.idle_s)
+        evictable = sorted(
+            (
+                k
+                for k in assign[name]
+                # Nothing waiting or running, and not pinned by hand (scale_model).
+                if snapshot.load(k) == 0 and worker.busy_on(k) == 0 and k not in snapshot.pins
+            ),
+            key=lambda k: (-idle.get(k, 0.0), k),
+        )
+        given_up = []
+        for victim in evictable:
+            if fits(name, key):
+                break
+            assign[name].discard(victim)
+            given_up.append(victim)
+        if fits(name, key):
+            assign[name].add(key)
+            missing -= 1
+            for victim in given_up:
+                reason = (
+                    f"evicted from {name} (least recently used) for {key}, which has "
+                    "requests waiting"
+                )
+                decisions.append(Decision(victim, 1, 0, reason))
+        else:
+            assign[name] |= set(given_up)  # no room even so: nothing moves
+    return missing
 
 
 def _standby_models(

@@ -293,6 +293,10 @@ class ScalerStore:
                     (parse_key(text), int(stats.get("rows", 0)))
                     for text, stats in report.get("batching", {}).items()
                 ),
+                idle_s=tuple(
+                    (ModelKey(m["name"], m["version"]), float(m.get("idle_s", 0.0)))
+                    for m in report.get("models", [])
+                ),
                 free_bytes=(
                     int(report["device_free_bytes"]) if "device_free_bytes" in report else None
                 ),

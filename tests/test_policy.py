@@ -355,6 +355,36 @@ def test_a_version_goes_only_where_its_measured_bytes_fit_the_free_memory() -> N
     assert B in plan.assignments["w-full"]
 
 
+def test_no_room_and_no_new_worker_the_least_recently_used_idle_version_makes_room() -> None:
+    # One instance of every version kept while idle (min_instances_per_model).
+    cfg = config(max_workers=1, loading={"memory_margin_mb": 0.0}, zero={"mode": "min"})
+    mb = 1024**2
+    models = {A: 100 * mb, B: 100 * mb, C: 100 * mb}
+    worker = WorkerInfo(
+        "w1",
+        serving=frozenset({A, C}),
+        loaded=frozenset({A, C}),
+        model_bytes=((A, 100 * mb), (C, 100 * mb)),
+        idle_s=((A, 50.0), (C, 5.0)),  # A ran longest ago
+        free_bytes=50 * mb,  # room for neither B nor anything else
+        managed=True,
+    )
+    snapshot = Snapshot(now=0.0, models=models, workers={"w1": worker}, queued={B: 5})
+    plan, _ = decide(snapshot, cfg, PolicyState())
+    assert plan.assignments["w1"] == frozenset({B, C})
+    assert plan.start_workers == 0
+    assert any(d.model == A and "least recently used" in d.reason for d in plan.decisions)
+
+    # A version with requests of its own is not evicted: B waits for room instead.
+    busy = replace(snapshot, queued={B: 5, A: 3, C: 2})
+    plan, _ = decide(busy, cfg, PolicyState())
+    assert B not in plan.assignments["w1"] and plan.unplaced.get(B)
+    # Nor is a version pinned by hand.
+    pinned = replace(snapshot, pins={A: 1, C: 1})
+    plan, _ = decide(pinned, cfg, PolicyState())
+    assert B not in plan.assignments["w1"]
+
+
 def test_an_unhealthy_instance_is_replaced_elsewhere_and_not_placed_back() -> None:
     cfg = config(max_workers=3)
     sick = WorkerInfo("w-sick", serving=frozenset({A}), loaded=frozenset({A}),
