@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -29,8 +30,9 @@ from celery.bin.base import CeleryCommand
 from common import keys
 from common.contracts import is_alive
 from common.redis import Outage, redis_client
+from common.settings import WorkerSettings
 from monitoring.resources import gpu_count, host_capacity
-from scaler.backends import LocalBackend, _pid_alive, new_hostname
+from scaler.backends import WORKER_PREFIX, LocalBackend, _pid_alive, new_hostname
 from scaler.store import FleetRecord, ScalerStore
 
 logger = logging.getLogger(__name__)
@@ -42,6 +44,23 @@ START_GRACE_S = 10.0
 COMMAND_TTL_S = 30.0
 # A node without a GPU runs this many CPU workers unless told otherwise.
 DEFAULT_CPU_WORKERS = 2
+
+
+# What a start command may name: a worker of this project, model queues.
+_WORKER_NAME = re.compile(re.escape(WORKER_PREFIX) + r"[0-9a-f]{8}@[A-Za-z0-9][A-Za-z0-9_.-]*")
+_QUEUE = re.compile(re.escape(keys.QUEUE_PREFIX) + r"[A-Za-z0-9_.-]+")
+
+
+def worker_env(requested: dict[str, Any]) -> dict[str, str]:
+    """The settings a start command may pass on: the workers' own (``WORKER_*``), nothing
+    else. Whoever writes to Redis must not choose a process's environment (``LD_PRELOAD``,
+    ``PYTHONPATH``)."""
+    allowed = {f"WORKER_{name}".upper() for name in WorkerSettings.model_fields}
+    env = {str(k): str(v) for k, v in requested.items() if str(k) in allowed}
+    dropped = sorted(str(k) for k in requested if str(k) not in allowed)
+    if dropped:
+        logger.warning("a start command named settings that are not a worker's: %s", dropped)
+    return env
 
 
 def node_ttl_s(interval_s: float) -> float:
@@ -123,14 +142,22 @@ class NodeAgent:
             logger.warning("node %s: dropped a stale %s of %s", self.name, op, hostname)
             return
         if op == "start":
-            if hostname in self.workers or not hostname.endswith(f"@{self.name}"):
+            queues = [str(q) for q in command.get("queues", [])]
+            if not _WORKER_NAME.fullmatch(hostname) or not hostname.endswith(f"@{self.name}"):
+                logger.warning(
+                    "node %s: refused a start of %r (not its worker)", self.name, hostname
+                )
+                return
+            if hostname in self.workers:
+                return
+            if not all(_QUEUE.fullmatch(q) for q in queues):
+                logger.warning("node %s: refused a start with queues %r", self.name, queues)
                 return
             if len(self.workers) >= self.max_workers:
                 logger.warning("node %s is full: not starting %s", self.name, hostname)
                 return
-            env = {str(k): str(v) for k, v in dict(command.get("env") or {}).items()}
             record = self.backend.start(
-                [str(q) for q in command.get("queues", [])], hostname=hostname, env=env
+                queues, hostname=hostname, env=worker_env(command.get("env") or {})
             )
             if record is not None:
                 self.workers[hostname] = record
