@@ -125,7 +125,14 @@ class NodeAgent:
             self.report()
         item = self.client.blpop([keys.node_commands_key(self.name)], timeout=self.interval_s)
         if item is not None:
-            self.handle(json.loads(item[1]))
+            try:
+                command = json.loads(item[1])
+                if not isinstance(command, dict):
+                    raise ValueError("not an object")
+            except ValueError as exc:
+                logger.warning("node %s: dropped an unreadable command: %s", self.name, exc)
+                return
+            self.handle(command)
 
     def adopt(self) -> None:
         """Workers of this node still running from an earlier agent (it crashed or was
@@ -138,11 +145,14 @@ class NodeAgent:
 
     def handle(self, command: dict[str, Any]) -> None:
         op, hostname = command.get("op"), str(command.get("hostname", ""))
-        if time.time() - float(command.get("sent", 0)) > COMMAND_TTL_S:
+        sent = command.get("sent")
+        if not isinstance(sent, (int, float)) or time.time() - sent > COMMAND_TTL_S:
             logger.warning("node %s: dropped a stale %s of %s", self.name, op, hostname)
             return
         if op == "start":
-            queues = [str(q) for q in command.get("queues", [])]
+            queues = command.get("queues")
+            queues = [str(q) for q in queues] if isinstance(queues, list) else [""]
+            requested = command.get("env")
             if not _WORKER_NAME.fullmatch(hostname) or not hostname.endswith(f"@{self.name}"):
                 logger.warning(
                     "node %s: refused a start of %r (not its worker)", self.name, hostname
@@ -157,7 +167,9 @@ class NodeAgent:
                 logger.warning("node %s is full: not starting %s", self.name, hostname)
                 return
             record = self.backend.start(
-                queues, hostname=hostname, env=worker_env(command.get("env") or {})
+                queues,
+                hostname=hostname,
+                env=worker_env(requested if isinstance(requested, dict) else {}),
             )
             if record is not None:
                 self.workers[hostname] = record
@@ -196,6 +208,8 @@ class NodeAgent:
             px=int(node_ttl_s(self.interval_s) * 1000),
         )
         pipe.zadd(keys.NODES, {self.name: now})
+        # Nodes gone for a day leave the set.
+        pipe.zremrangebyscore(keys.NODES, "-inf", now - 86400)
         pipe.execute()
         self._reported = time.monotonic()
         return report

@@ -36,6 +36,12 @@ def test_a_start_command_passes_worker_settings_only_and_names_only_its_workers(
         start("scaled-0123abcd@elsewhere", [queue], {})  # another node's worker
         start("-n x@here", [queue], {})  # not a worker name
         start("scaled-0123abcd@here", ["celery,pidbox"], {})  # not model queues
+        # Garbage through Redis is dropped, and the agent goes on.
+        for raw in (b"not json", b"[1, 2]", b'{"op": "start", "sent": "soon"}'):
+            client.rpush(keys.node_commands_key("here"), raw)
+            agent.step()
+        agent.handle({"op": "start", "hostname": "scaled-0123abcd@here", "queues": "x",
+                      "env": [1], "sent": time.time()})  # fmt: skip
         assert agent.workers == {}
 
         start(
