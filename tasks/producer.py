@@ -328,7 +328,7 @@ class AsyncInferenceClient:
         try:
             if self.link is None:
                 # Acknowledged with the results that follow; a refusal fails the call.
-                self.replies.publish(prepared.task_id, prepared.commands)
+                self.replies.publish(prepared)
                 await self.replies.conn.drain()
             else:
                 await self.link.execute(prepared.commands)

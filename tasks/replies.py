@@ -610,6 +610,12 @@ class AsyncChannel:
         self.generation = 0
         self._run_id: str | None = None
         self.outage = Outage("reply channel")
+        # Requests whose acknowledgement a lost connection took along, and since when.
+        self._orphans: list[Published] = []
+        self._lost_at: float | None = None
+        from common.settings import serving_settings
+
+        self.orphan_grace_s = max(ORPHAN_GRACE_S, serving_settings().publish_wait)
 
     @property
     def ready(self) -> bool:
@@ -645,27 +651,30 @@ class AsyncChannel:
             raise redis.ConnectionError("Redis connection lost")
         return await self.conn.execute(commands)
 
-    def publish(self, task_id: str, commands: Sequence[tuple[Any, ...]]) -> None:
-        """Write a registered call's request without waiting: a refusal, or a connection
-        lost before Redis acknowledged it, fails the call (it was not sent twice)."""
+    def publish(self, request: Published) -> None:
+        """Write a registered call's request without waiting. A refusal fails the call; a
+        connection lost before Redis acknowledged it keeps the request, which is sent again
+        on the next connection unless Redis has it (the call fails only if Redis stays
+        away past the grace, as ``ThreadChannel``'s)."""
         if not self._ready.is_set():
             raise redis.ConnectionError("Redis connection lost")
+        task_id = request.task_id
 
         def acknowledged(replies: list[Any] | Exception) -> None:
             # The message's own write decides; a refused wake token or count does not.
             error = replies if isinstance(replies, Exception) else error_of(replies[0])
             entry = self._futures.get(task_id) if error is not None else None
-            if entry is not None and not entry[0].done():
-                if isinstance(error, redis.ResponseError):
-                    text = f"request {task_id} was not queued: Redis refused it: {error}"
-                else:
-                    text = (
-                        f"request {task_id} may not have been queued: the connection was lost "
-                        f"before Redis acknowledged it (it was not sent again): {error}"
-                    )
+            if entry is None or entry[0].done():
+                return
+            if isinstance(error, redis.ResponseError):
+                text = f"request {task_id} was not queued: Redis refused it: {error}"
                 entry[0].set_exception(BrokerUnavailableError(text))
+                return
+            self._orphans.append(request)
+            if self._lost_at is None:
+                self._lost_at = time.monotonic()
 
-        self.conn.send(commands, acknowledged)
+        self.conn.send(request.commands, acknowledged)
 
     def expect(self, task_id: str) -> asyncio.Future[bytes]:
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
@@ -735,21 +744,66 @@ class AsyncChannel:
     async def _keep(self) -> None:
         while True:
             try:
-                (info,) = await self.conn.open([self.name], [("INFO", "server")])
+                # Named after its reply channel, as ThreadChannel's: CLIENT LIST tells it.
+                _, info = await self.conn.open(
+                    [self.name], [("CLIENT", "SETNAME", self.name), ("INFO", "server")]
+                )
                 run_id = _run_id(info)
                 if self._run_id is not None and run_id != self._run_id:
                     self.generation += 1
                 self._run_id = run_id
                 self._ready.set()
+                await self._send_again()
                 await self._recover()
                 self.outage.ok()
                 await self.conn.closed.wait()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                self._fail_orphans_after_grace(exc)
                 pause = self.outage.failed(exc)
                 await asyncio.sleep(pause)
             self._ready.clear()
+
+    async def _send_again(self) -> None:
+        """Requests the lost connection took unacknowledged: sent again unless Redis has
+        them."""
+        orphans, self._orphans = self._orphans, []
+        if not orphans:
+            return
+        try:
+            present = await self.conn.execute([o.presence() for o in orphans])
+        except redis.RedisError:
+            self._orphans[:0] = orphans
+            raise
+        for i, (orphan, here) in enumerate(zip(orphans, present, strict=True)):
+            entry = self._futures.get(orphan.task_id)
+            if entry is None or entry[0].done():
+                continue
+            # A call whose request is there or sent again belongs to this generation.
+            self._futures[orphan.task_id] = (entry[0], self.generation)
+            if not here:
+                try:
+                    self.publish(orphan)
+                except redis.RedisError:
+                    self._orphans[:0] = orphans[i:]
+                    raise
+        self._lost_at = None
+
+    def _fail_orphans_after_grace(self, exc: BaseException) -> None:
+        if self._lost_at is None or time.monotonic() - self._lost_at < self.orphan_grace_s:
+            return
+        orphans, self._orphans = self._orphans, []
+        self._lost_at = None
+        for orphan in orphans:
+            entry = self._futures.get(orphan.task_id)
+            if entry is not None and not entry[0].done():
+                entry[0].set_exception(
+                    BrokerUnavailableError(
+                        f"request {orphan.task_id} may not have been queued: Redis became "
+                        f"unreachable before it acknowledged it ({exc})"
+                    )
+                )
 
     async def _recover(self) -> None:
         pending = [t for t, (f, _) in list(self._futures.items()) if not f.done()]

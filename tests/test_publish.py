@@ -159,6 +159,42 @@ def test_a_request_redis_never_ran_is_sent_again_on_the_new_connection(
     in_own_thread(scenario)
 
 
+def test_an_await_whose_write_the_lost_connection_took_is_sent_again(
+    registry: redis.Redis,
+) -> None:
+    """The asyncio client, as the thread's channel: a request written but not acknowledged
+    when the connection went is sent again on the next one (not failed)."""
+    from tasks.producer import AsyncInferenceClient
+
+    async def scenario() -> None:
+        client = AsyncInferenceClient()
+        try:
+            await client.start()
+            registry.delete(QUEUE)
+            registry.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
+            try:
+                pending = await client.submit(Call("linear", [1.0] * 8))
+                for _ in range(200):  # written (the flush runs on the loop), not answered
+                    await asyncio.sleep(0.01)
+                    if client.replies.conn._pending:
+                        break
+                registry.client_kill_filter(_id=channel_client(registry, client.replies.name))
+            finally:
+                registry.execute_command("CLIENT", "UNPAUSE")
+            for _ in range(500):  # reconnects, finds it missing, sends it again
+                await asyncio.sleep(0.01)
+                if registry.llen(QUEUE) == 1:
+                    break
+            assert registry.llen(QUEUE) == 1
+            # Still waiting for its answer (no worker here), not failed.
+            with pytest.raises(CeleryTimeoutError):
+                await client.result(pending, timeout=0.5)
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
+
+
 def test_held_requests_go_out_while_the_thread_does_something_else(
     registry: redis.Redis, redis_server: Any
 ) -> None:
