@@ -86,10 +86,9 @@ def build_loop(app: Any, config: AutoscalerConfig | None = None) -> ScalerLoop:
     )
     loop = ScalerLoop(config, client=client, app=app, repository=repository)
     warn_if_evicting(client)
-    if isinstance(loop.backend, NodeBackend):
+    if isinstance(loop.backend, (LocalBackend, NodeBackend)):
         loop.backend.env.update(worker_env(config))
     if isinstance(loop.backend, LocalBackend):
-        loop.backend.env.update(worker_env(config))
         loop.backend.log_dir = scaler_settings().log_dir
         if loop.backend.gpus:
             # One worker per GPU: the fleet is as large as the GPUs are many.

@@ -51,7 +51,7 @@ _WORKER_NAME = re.compile(re.escape(WORKER_PREFIX) + r"[0-9a-f]{8}@[A-Za-z0-9][A
 _QUEUE = re.compile(re.escape(keys.QUEUE_PREFIX) + r"[A-Za-z0-9_.-]+")
 
 
-def worker_env(requested: dict[str, Any]) -> dict[str, str]:
+def allowed_worker_env(requested: dict[str, Any]) -> dict[str, str]:
     """The settings a start command may pass on: the workers' own (``WORKER_*``), nothing
     else. Whoever writes to Redis must not choose a process's environment (``LD_PRELOAD``,
     ``PYTHONPATH``)."""
@@ -169,7 +169,7 @@ class NodeAgent:
             record = self.backend.start(
                 queues,
                 hostname=hostname,
-                env=worker_env(requested if isinstance(requested, dict) else {}),
+                env=allowed_worker_env(requested if isinstance(requested, dict) else {}),
             )
             if record is not None:
                 self.workers[hostname] = record

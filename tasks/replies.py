@@ -52,6 +52,16 @@ STALE_CHECK_S = 0.5
 # Requests whose acknowledgement a lost connection took along are sent again when it is
 # made again; they fail if Redis stays unreachable this long.
 ORPHAN_GRACE_S = 2.0
+
+
+def orphan_grace_s() -> float:
+    """The grace, or with sentinels as long as a producer waits for a new primary
+    (``PUBLISH_WAIT_S``)."""
+    from common.settings import serving_settings
+
+    return max(ORPHAN_GRACE_S, serving_settings().publish_wait)
+
+
 # How often the flusher looks for held requests while there are any (from the shortest
 # tick, doubled while their threads write them first, up to the longest), and how long it
 # keeps looking after the last.
@@ -226,8 +236,7 @@ class ThreadChannel:
         now = time.monotonic()
         if self._lost_at is None:
             self._lost_at = now
-        # With sentinels, as long as a producer waits for a new primary (publish_wait_s).
-        if now - self._lost_at >= max(ORPHAN_GRACE_S, self.hub.orphan_grace_s):
+        if now - self._lost_at >= self.hub.orphan_grace_s:
             orphans, self.conn.orphans = self.conn.orphans, []
             for orphan in orphans:
                 self._not_queued(
@@ -438,9 +447,7 @@ class ReplyHub:
     def __init__(self, url: str) -> None:
         self.url = url
         self.endpoint = Endpoint.from_url(url)
-        from common.settings import serving_settings
-
-        self.orphan_grace_s = serving_settings().publish_wait
+        self.orphan_grace_s = orphan_grace_s()
         self.client = redis_client(url, socket_timeout=10)
         self._waiters: weakref.WeakValueDictionary[str, _Waiter] = weakref.WeakValueDictionary()
         self._local = threading.local()
@@ -613,9 +620,7 @@ class AsyncChannel:
         # Requests whose acknowledgement a lost connection took along, and since when.
         self._orphans: list[Published] = []
         self._lost_at: float | None = None
-        from common.settings import serving_settings
-
-        self.orphan_grace_s = max(ORPHAN_GRACE_S, serving_settings().publish_wait)
+        self.orphan_grace_s = orphan_grace_s()
 
     @property
     def ready(self) -> bool:
